@@ -1,0 +1,273 @@
+"""Publishing: versions only grow, never appear half-written, pass the quality gate, and get pruned."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.tfserving_session import TFServingSession
+from trainer.export import cli
+from trainer.export.model_card import read_model_card
+from trainer.export.publish import HIGH_WATER_FILE, QualityGateError, publish, published_versions
+from trainer.export.warmup import WARMUP_FILENAME, read_warmup_file
+
+pytestmark = pytest.mark.slow
+
+
+def _base_with_version_1(exported_model, tmp_path: Path) -> Path:
+    """A private copy of the session's model base, holding the complete version 1."""
+    base = tmp_path / "models"
+    shutil.copytree(exported_model.base_path, base)
+    return base
+
+
+def _run_with_accuracy(run_dir: Path, tmp_path: Path, accuracy: float) -> Path:
+    """A copy of `run_dir` whose metrics.json records `accuracy` (a better or worse candidate)."""
+    copy = tmp_path / f"run-{accuracy}"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoints", "tensorboard", "reports"))
+    metrics = json.loads((copy / "metrics.json").read_text())
+    metrics["test_accuracy"] = accuracy
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    return copy
+
+
+def _entries(model_dir: Path) -> list[str]:
+    """Everything in the model directory but the version high-water mark, which belongs there."""
+    return sorted(p.name for p in model_dir.iterdir() if p.name != HIGH_WATER_FILE)
+
+
+def _temporary_has_files(model_dir: Path) -> bool:
+    for name in _entries(model_dir):
+        if name.startswith(".tmp-"):
+            try:
+                return any((model_dir / name).iterdir())
+            except FileNotFoundError:  # renamed into place between listing and looking
+                return False
+    return False
+
+
+def _served_accuracy(exported_model) -> float:
+    return read_model_card(exported_model.path)["metrics"]["test_accuracy"]
+
+
+def test_published_version_is_complete_with_assets(exported_model):
+    assert exported_model.version == 1
+    assert (exported_model.path / "saved_model.pb").is_file()
+    assert (exported_model.path / "variables" / "variables.index").is_file()
+    assert (exported_model.path / "assets.extra" / WARMUP_FILENAME).is_file()
+    # Only the version directory: no temporary left beside it.
+    assert _entries(exported_model.base_path / exported_model.name) == ["1"]
+
+
+def test_model_card_describes_the_model(exported_model):
+    card = read_model_card(exported_model.path)
+    dataset = json.loads((exported_model.run_dir / "dataset.json").read_text())
+    metrics = json.loads((exported_model.run_dir / "metrics.json").read_text())
+    assert card["model_name"] == "cifar10" and card["version"] == 1
+    assert card["class_names"] == list(exported_model.class_names)
+    assert card["dataset"]["name"] == dataset["name"]
+    assert card["dataset"]["synthetic"] is bool(dataset["synthetic"])
+    assert card["normalization"]["mean"] == dataset["mean"] and card["normalization"]["std"] == dataset["std"]
+    assert card["metrics"]["test_accuracy"] == metrics["test_accuracy"]
+    assert card["metrics"]["per_class"] == metrics["per_class"]
+    assert card["training_config"] == json.loads((exported_model.run_dir / "config.json").read_text())
+    assert card["architecture"]
+    assert card["code_revision"] is None or len(card["code_revision"]) >= 40
+    assert card["created_at"].endswith("+00:00")
+    sigs = card["input_contract"]["signatures"]
+    assert sigs["serving_default"]["inputs"]["images"]["shape"] == [-1, 32, 32, 3]
+    assert sigs["serving_bytes"]["inputs"]["image_bytes"]["dtype"] == "string"
+
+
+def test_warmup_records_parse_and_run_through_the_serving_loader(exported_model):
+    import tensorflow as tf
+
+    records = read_warmup_file(exported_model.path / "assets.extra" / WARMUP_FILENAME)
+    signatures = {r.predict_log.request.model_spec.signature_name for r in records}
+    # The trained CNN has a conv block, so its Grad-CAM signatures are warmed too.
+    assert signatures == {"serving_default", "serving_bytes", "explain", "explain_bytes"}
+    with TFServingSession.load(exported_model.path) as session:
+        for record in records:
+            request = record.predict_log.request
+            assert request.model_spec.name == exported_model.name
+            inputs = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
+            out = session.run(request.model_spec.signature_name, inputs)
+            batch = len(next(iter(inputs.values())))
+            assert out["probabilities"].shape == (batch, len(exported_model.class_names))
+            if "heatmap" in out:
+                assert out["heatmap"].shape == (batch, 32, 32)
+            np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_next_export_gets_the_next_version_and_cli_prints_its_path(exported_model, tmp_path, capsys):
+    base = _base_with_version_1(exported_model, tmp_path)
+    before = (base / "cifar10" / "1" / "saved_model.pb").read_bytes()
+    code = cli.main(["--run-dir", str(exported_model.run_dir), "--model-base", str(base)])
+    assert code == 0
+    assert capsys.readouterr().out.strip() == str(base / "cifar10" / "2")
+    assert published_versions(base / "cifar10") == [1, 2]
+    assert (base / "cifar10" / "1" / "saved_model.pb").read_bytes() == before  # untouched
+    assert read_model_card(base / "cifar10" / "2")["version"] == 2
+
+
+def test_export_killed_midway_leaves_only_complete_versions(exported_model, tmp_path):
+    base = _base_with_version_1(exported_model, tmp_path)
+    model_dir = base / "cifar10"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trainer.export",
+            "--run-dir",
+            str(exported_model.run_dir),
+            "--model-base",
+            str(base),
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    try:
+        # Kill once the export has started filling its temporary directory (SavedModel files going in).
+        while not _temporary_has_files(model_dir):
+            assert proc.poll() is None, f"export ended before it could be killed: {proc.communicate()}"
+            assert time.monotonic() < deadline, "export never started writing"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    # What TF Serving would see: only all-digit names count as versions, and only version 1 is there.
+    assert [n for n in _entries(model_dir) if n.isdigit()] == ["1"]
+    with TFServingSession.load(model_dir / "1") as session:  # and it is intact
+        assert "serving_default" in session.signature_defs
+
+    # The next export cleans the dead export's leftovers and publishes version 2 normally.
+    path = publish(exported_model.run_dir, base, "cifar10")
+    assert path == model_dir / "2"
+    assert _entries(model_dir) == ["1", "2"]
+
+
+def test_export_failing_midway_publishes_nothing_and_cleans_up(exported_model, tmp_path, monkeypatch):
+    import trainer.export.publish as publish_module
+
+    base = _base_with_version_1(exported_model, tmp_path)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(publish_module, "write_model_card", fail)
+    with pytest.raises(OSError, match="disk full"):
+        publish(exported_model.run_dir, base, "cifar10")
+    assert _entries(base / "cifar10") == ["1"]
+
+
+def test_quality_gate_rejects_a_regressing_model_and_keeps_the_served_one(exported_model, tmp_path, capsys):
+    base = _base_with_version_1(exported_model, tmp_path)
+    served = _served_accuracy(exported_model)
+    worse = _run_with_accuracy(exported_model.run_dir, tmp_path, served - 0.2)
+
+    with pytest.raises(QualityGateError, match="regresses"):
+        publish(worse, base, "cifar10", max_regression=0.05)
+    assert _entries(base / "cifar10") == ["1"]
+
+    code = cli.main(["--run-dir", str(worse), "--model-base", str(base), "--max-regression", "0.05"])
+    assert code == cli.EXIT_REJECTED
+    assert "max-regression" in capsys.readouterr().err
+    assert _entries(base / "cifar10") == ["1"]
+
+    # A small enough drop passes, and becomes the new reference version.
+    slightly_worse = _run_with_accuracy(exported_model.run_dir, tmp_path, served - 0.01)
+    assert publish(slightly_worse, base, "cifar10", max_regression=0.05) == base / "cifar10" / "2"
+
+
+def test_quality_gate_enforces_min_accuracy(exported_model, tmp_path, capsys):
+    base = tmp_path / "models"
+    poor = _run_with_accuracy(exported_model.run_dir, tmp_path, 0.3)
+    code = cli.main(["--run-dir", str(poor), "--model-base", str(base), "--min-accuracy", "0.5"])
+    assert code == cli.EXIT_REJECTED
+    assert "below --min-accuracy 0.5000" in capsys.readouterr().err
+    assert published_versions(base / "cifar10") == []
+
+
+def test_keep_removes_the_oldest_versions_never_the_newest(exported_model, tmp_path):
+    base = _base_with_version_1(exported_model, tmp_path)
+    publish(exported_model.run_dir, base, "cifar10")
+    newest = publish(exported_model.run_dir, base, "cifar10", keep=2)
+    assert newest.name == "3"
+    assert _entries(base / "cifar10") == ["2", "3"]
+    with pytest.raises(ValueError, match="at least 1"):
+        publish(exported_model.run_dir, base, "cifar10", keep=0)
+    assert _entries(base / "cifar10") == ["2", "3"]
+
+
+def test_bad_run_dir_fails_with_a_clear_message(tmp_path, capsys):
+    code = cli.main(["--run-dir", str(tmp_path / "nope"), "--model-base", str(tmp_path / "models")])
+    assert code == 1
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty-run").mkdir()
+    code = cli.main(["--run-dir", str(tmp_path / "empty-run"), "--model-base", str(tmp_path / "models")])
+    assert code == 1
+    assert "model.keras is missing; train first" in capsys.readouterr().err
+    assert not (tmp_path / "models" / "cifar10").exists() or _entries(tmp_path / "models" / "cifar10") == []
+
+
+def test_publishing_never_replaces_an_existing_version_directory(tmp_path):
+    """os.rename would silently replace an empty directory; the publisher refuses (a racing export)."""
+    from trainer.export.publish import _rename_no_overwrite
+
+    tmp, final = tmp_path / ".tmp-2-1", tmp_path / "2"
+    tmp.mkdir()
+    (tmp / "saved_model.pb").write_bytes(b"new")
+    final.mkdir()
+    with pytest.raises(FileExistsError, match="not overwriting"):
+        _rename_no_overwrite(tmp, final)
+    assert list(final.iterdir()) == [] and (tmp / "saved_model.pb").read_bytes() == b"new"
+
+
+def test_trainer_cli_export_subcommand_publishes_and_prunes(exported_model, tmp_path, capsys):
+    from trainer.cli import main
+
+    base = _base_with_version_1(exported_model, tmp_path)
+    argv = ["export", "--run-dir", str(exported_model.run_dir), "--model-base", str(base), "--keep", "1"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip() == str(base / "cifar10" / "2")
+    assert _entries(base / "cifar10") == ["2"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--min-accuracy", "85", "outside 0..1"),
+        ("--max-regression", "x", "not a number"),
+        ("--keep", "0", "at least 1"),
+    ],
+)
+def test_cli_rejects_bad_gate_and_keep_values(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--run-dir", str(tmp_path), "--model-base", str(tmp_path / "models"), flag, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_version_numbers_only_grow_even_after_the_newest_is_removed(exported_model, tmp_path):
+    # A rollback that deletes the newest version's folder must not let the next export reuse its
+    # number: servers that loaded the old version 2 would otherwise take different weights for "2".
+    base = tmp_path / "models"
+    first = publish(exported_model.run_dir, base, "cifar10")
+    second = publish(exported_model.run_dir, base, "cifar10")
+    assert (first.name, second.name) == ("1", "2")
+    shutil.rmtree(second)
+    third = publish(exported_model.run_dir, base, "cifar10")
+    assert third.name == "3"
+    assert published_versions(base / "cifar10") == [1, 3]
+    assert (base / "cifar10" / HIGH_WATER_FILE).read_text().strip() == "3"

@@ -1,0 +1,245 @@
+"""Publish a run directory as the next version under MODEL_BASE/<name>/, atomically and behind a gate.
+
+Layout is TensorFlow Serving's: MODEL_BASE/<name>/<version>/ with version an all-digit directory
+name. TF Serving's file-system source only considers children whose whole name parses as an
+integer, so the hidden `.tmp-<version>-<pid>` directory we write into is invisible to it until the
+final os.rename, which is atomic within one file system: the server never sees half a version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.export.gradcam import find_last_conv_layer
+from trainer.export.model_card import build_model_card, read_model_card, write_model_card
+from trainer.export.savedmodel import export_savedmodel, verify_export
+from trainer.export.warmup import write_warmup_file
+
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+# The highest version number ever published here. Versions only grow: after a bad version's folder is
+# removed (a rollback), the next export must not reuse its number, or servers and caches that saw the
+# old one would take different weights for the same version.
+HIGH_WATER_FILE = ".last-version"
+
+
+class QualityGateError(RuntimeError):
+    """The candidate model is not good enough to publish; nothing was written."""
+
+
+@dataclass(frozen=True)
+class RunArtifacts:
+    model_path: Path
+    class_names: list[str]
+    test_accuracy: float | None
+
+
+def read_run_dir(run_dir: Path) -> RunArtifacts:
+    """Check the run directory has what export needs; errors say what is missing and how to fix it."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(
+            f"run directory {run_dir} does not exist; pass the --run-dir of a finished training"
+        )
+    model_path = run_dir / "model.keras"
+    if not model_path.is_file():
+        raise FileNotFoundError(
+            f"{model_path} is missing; train first (python -m trainer train --run-dir {run_dir})"
+        )
+    dataset_path = run_dir / "dataset.json"
+    if not dataset_path.is_file():
+        raise FileNotFoundError(f"{dataset_path} is missing; it holds the class names the export needs")
+    class_names = json.loads(dataset_path.read_text()).get("class_names") or []
+    if not class_names:
+        raise ValueError(f"{dataset_path} has no class_names; re-run training to regenerate it")
+    metrics_path = run_dir / "metrics.json"
+    accuracy = json.loads(metrics_path.read_text()).get("test_accuracy") if metrics_path.is_file() else None
+    return RunArtifacts(
+        model_path, [str(c) for c in class_names], None if accuracy is None else float(accuracy)
+    )
+
+
+def published_versions(model_dir: Path) -> list[int]:
+    """Complete versions under model_dir (all-digit names, as TF Serving sees them), ascending."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(
+        int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+    )
+
+
+def check_quality_gate(
+    candidate_accuracy: float | None,
+    model_dir: Path,
+    *,
+    min_accuracy: float | None = None,
+    max_regression: float | None = None,
+) -> None:
+    """Raise QualityGateError when the candidate misses the floor or regresses on the newest version."""
+    if min_accuracy is None and max_regression is None:
+        return
+    if candidate_accuracy is None:
+        raise QualityGateError(
+            "the run has no metrics.json test_accuracy; evaluate it before gating the export"
+        )
+    if min_accuracy is not None and candidate_accuracy < min_accuracy:
+        raise QualityGateError(
+            f"test accuracy {candidate_accuracy:.4f} is below --min-accuracy {min_accuracy:.4f}; "
+            "not published"
+        )
+    versions = published_versions(model_dir)
+    if max_regression is not None and versions:
+        newest = versions[-1]
+        try:
+            served = read_model_card(model_dir / str(newest))["metrics"]["test_accuracy"]
+        except (OSError, KeyError, ValueError):
+            served = None  # a version without a card (published by hand) gives nothing to compare against
+        if served is not None and served - candidate_accuracy > max_regression:
+            raise QualityGateError(
+                f"test accuracy {candidate_accuracy:.4f} regresses {served - candidate_accuracy:.4f} from "
+                f"version {newest} ({served:.4f}), more than --max-regression {max_regression:.4f}; "
+                "not published"
+            )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(model_dir: Path) -> list[Path]:
+    """Delete temp/trash directories left by exports that were killed (their pid is gone)."""
+    removed = []
+    for path in model_dir.iterdir() if model_dir.is_dir() else []:
+        if not path.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+            continue
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def prune_versions(model_dir: Path, keep: int) -> list[int]:
+    """Remove the oldest versions beyond `keep` (>= 1, so the newest always stays); returns those removed."""
+    if keep < 1:
+        raise ValueError(f"--keep must be at least 1 (got {keep}); the newest version is never removed")
+    versions = published_versions(model_dir)
+    doomed = versions[:-keep] if len(versions) > keep else []
+    for version in doomed:
+        # Rename first so the server sees the version vanish at once, not file by file.
+        trash = model_dir / f"{TRASH_PREFIX}{version}-{os.getpid()}"
+        os.rename(model_dir / str(version), trash)
+        shutil.rmtree(trash)
+    return doomed
+
+
+def publish(
+    run_dir: str | Path,
+    model_base: str | Path,
+    model_name: str = "cifar10",
+    *,
+    min_accuracy: float | None = None,
+    max_regression: float | None = None,
+    keep: int | None = None,
+) -> Path:
+    """Export RUN_DIR/model.keras as MODEL_BASE/<model_name>/<max existing + 1>/ and return that path."""
+    import keras
+
+    import trainer.models  # noqa: F401  (registers the project's custom layers for deserialization)
+
+    run_dir, model_base = Path(run_dir), Path(model_base)
+    if not model_name or "/" in model_name or model_name.startswith("."):
+        raise ValueError(f"invalid --model-name {model_name!r}: use a plain directory name such as 'cifar10'")
+    if keep is not None and keep < 1:
+        raise ValueError(f"--keep must be at least 1 (got {keep}); the newest version is never removed")
+    run = read_run_dir(run_dir)
+    model_dir = model_base / model_name
+    check_quality_gate(run.test_accuracy, model_dir, min_accuracy=min_accuracy, max_regression=max_regression)
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(model_dir)
+    version = max(published_versions(model_dir)[-1:] + [read_high_water(model_dir)]) + 1
+    tmp = model_dir / f"{TMP_PREFIX}{version}-{os.getpid()}"
+    final = model_dir / str(version)
+    try:
+        model = keras.saving.load_model(run.model_path, compile=False)
+        export_savedmodel(model, run.class_names, tmp)
+        verify_export(model, run.class_names, tmp)
+        assets_extra = tmp / "assets.extra"
+        write_warmup_file(assets_extra, model_name, explain=find_last_conv_layer(model) is not None)
+        write_model_card(
+            assets_extra, build_model_card(run_dir, model_name, version, _architecture(run_dir, model))
+        )
+        _fsync_tree(tmp)  # the files must be on disk before the rename makes them visible
+        _rename_no_overwrite(tmp, final)
+        write_high_water(model_dir, version)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep is not None:
+        prune_versions(model_dir, keep)
+    return final
+
+
+def read_high_water(model_dir: Path) -> int:
+    """The highest version ever published under model_dir (0 when none was recorded)."""
+    try:
+        return int((model_dir / HIGH_WATER_FILE).read_text().strip() or 0)
+    except FileNotFoundError:
+        return 0
+    except ValueError as exc:
+        raise ValueError(
+            f"{model_dir / HIGH_WATER_FILE} does not hold a version number; write the highest version "
+            "ever published there (or delete it to count from the folders present)"
+        ) from exc
+
+
+def write_high_water(model_dir: Path, version: int) -> None:
+    tmp = model_dir / f"{HIGH_WATER_FILE}.{os.getpid()}"
+    tmp.write_text(f"{version}\n")
+    os.replace(tmp, model_dir / HIGH_WATER_FILE)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for path in [os.path.join(dirpath, name) for name in filenames] + [dirpath]:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _rename_no_overwrite(tmp: Path, final: Path) -> None:
+    # os.rename would silently replace an *empty* directory; refuse any existing name instead. A
+    # non-empty one makes rename fail anyway, which covers a concurrent export winning the race.
+    message = f"version {final} appeared while exporting (another export?); not overwriting it"
+    if final.exists():
+        raise FileExistsError(message)
+    try:
+        os.rename(tmp, final)
+    except OSError as exc:
+        raise FileExistsError(message) from exc
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # persist the rename itself
+    finally:
+        os.close(fd)
+
+
+def _architecture(run_dir: Path, model: object) -> str:
+    config_path = run_dir / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    for key in ("arch", "architecture", "model"):
+        if isinstance(config.get(key), str):
+            return config[key]
+    return str(getattr(model, "name", "unknown"))
