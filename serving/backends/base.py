@@ -1,0 +1,53 @@
+"""What the gateway needs from a model backend, whichever serves the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probabilities: np.ndarray  # float32 [N, C], rows in the order of the input images
+    class_names: tuple[str, ...]  # C labels, column order of `probabilities`
+    model_name: str
+    model_version: int  # the version that answered this call
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    ready: bool  # True only when a model version is loaded and answering
+    model_name: str
+    version: int | None
+    class_names: tuple[str, ...] | None
+    detail: str  # why not ready, or what is served
+
+
+class BackendUnavailable(Exception):
+    """The model cannot answer now (backend down, no version loaded): clients should retry later."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BackendTimeout(Exception):
+    """The backend did not answer within the deadline."""
+
+
+class BackendError(Exception):
+    """The backend answered with an error the client cannot fix (bad gateway)."""
+
+
+class Backend(Protocol):
+    kind: str  # "embedded" | "tfserving": the label on backend metrics
+
+    def predict(self, images: np.ndarray) -> Prediction:
+        """uint8 [N, 32, 32, 3] (all images of one request, one batch) -> probabilities."""
+        ...
+
+    def status(self) -> ModelStatus: ...
+
+    def close(self) -> None: ...

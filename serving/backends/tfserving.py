@@ -1,0 +1,214 @@
+"""TensorFlow Serving over gRPC (tensorflow-serving-api stubs).
+
+One channel per process, created on first use so each gunicorn worker opens its own after the
+fork (a gRPC channel must not cross a fork). Every call carries the request deadline; only
+UNAVAILABLE is retried, with backoff, and never past the deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import grpc
+import numpy as np
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow_serving.apis import (
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from serving.backends.base import BackendError, BackendTimeout, BackendUnavailable, ModelStatus, Prediction
+from serving.backends.explain import (
+    Explanation,
+    explain_request,
+    is_missing_signature,
+    parse_explain_response,
+    unsupported,
+)
+
+IMAGES_KEY = "images"
+PROBABILITIES_KEY = "probabilities"
+CLASSES_KEY = "classes"
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # 64 images are 786 KB as float32; leave room for big batches
+RETRY_BACKOFF_S = (0.05, 0.1, 0.2, 0.4)  # then give up: a down backend answers 503 in well under 1 s
+_AVAILABLE = get_model_status_pb2.ModelVersionStatus.State.AVAILABLE
+
+
+def _tensor_proto(images: np.ndarray) -> tensor_pb2.TensorProto:
+    # Built by hand: tensor_content is one memcpy, much cheaper than tf.make_tensor_proto.
+    batch = np.ascontiguousarray(images, dtype=np.float32)
+    shape = tensor_shape_pb2.TensorShapeProto(
+        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in batch.shape]
+    )
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT, tensor_shape=shape, tensor_content=batch.tobytes()
+    )
+
+
+def _shape(proto: tensor_pb2.TensorProto) -> tuple[int, ...]:
+    return tuple(d.size for d in proto.tensor_shape.dim)
+
+
+def _probabilities(proto: tensor_pb2.TensorProto) -> np.ndarray:
+    if proto.dtype != types_pb2.DT_FLOAT:
+        raise BackendError(
+            f"TensorFlow Serving returned {PROBABILITIES_KEY} of dtype {proto.dtype}, not float32"
+        )
+    values = (
+        np.frombuffer(proto.tensor_content, dtype="<f4")
+        if proto.tensor_content
+        else np.asarray(proto.float_val, dtype=np.float32)
+    )
+    return values.reshape(_shape(proto)).astype(np.float32, copy=False)
+
+
+class TFServingBackend:
+    kind = "tfserving"
+
+    def __init__(
+        self,
+        address: str,
+        model_name: str,
+        *,
+        signature_name: str = "serving_default",
+        deadline_s: float = 5.0,
+    ) -> None:
+        self.address = address
+        self.model_name = model_name
+        self.signature_name = signature_name
+        self.deadline_s = deadline_s
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._channel: grpc.Channel | None = None
+        self._class_names: tuple[str, ...] | None = None
+
+    def _stubs(
+        self,
+    ) -> tuple[prediction_service_pb2_grpc.PredictionServiceStub, model_service_pb2_grpc.ModelServiceStub]:
+        with self._lock:
+            if self._channel is None or self._pid != os.getpid():
+                self._channel = grpc.insecure_channel(
+                    self.address,
+                    options=[
+                        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                        # gRPC waits up to 2 minutes between reconnects by default; a restarted
+                        # TensorFlow Serving should be used again within a second.
+                        ("grpc.initial_reconnect_backoff_ms", 100),
+                        ("grpc.min_reconnect_backoff_ms", 100),
+                        ("grpc.max_reconnect_backoff_ms", 1000),
+                    ],
+                )
+                self._pid = os.getpid()
+            return (
+                prediction_service_pb2_grpc.PredictionServiceStub(self._channel),
+                model_service_pb2_grpc.ModelServiceStub(self._channel),
+            )
+
+    def _call(self, method, request):  # noqa: ANN001, ANN202 - any unary stub method
+        deadline = time.monotonic() + self.deadline_s
+        for attempt in range(len(RETRY_BACKOFF_S) + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BackendTimeout(
+                    f"TensorFlow Serving at {self.address} did not answer within {self.deadline_s} s"
+                )
+            try:
+                return method(request, timeout=remaining)
+            except grpc.RpcError as error:
+                code = error.code()
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    if (
+                        attempt < len(RETRY_BACKOFF_S)
+                        and deadline - time.monotonic() > RETRY_BACKOFF_S[attempt]
+                    ):
+                        time.sleep(RETRY_BACKOFF_S[attempt])
+                        continue
+                    raise BackendUnavailable(
+                        f"TensorFlow Serving at {self.address} is unavailable ({error.details()})"
+                    ) from None
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise BackendTimeout(
+                        f"TensorFlow Serving at {self.address} did not answer within {self.deadline_s} s"
+                    ) from None
+                if code == grpc.StatusCode.NOT_FOUND:
+                    raise BackendUnavailable(
+                        f"TensorFlow Serving has no servable version of model {self.model_name!r} "
+                        f"({error.details()})"
+                    ) from None
+                raise BackendError(f"TensorFlow Serving answered {code.name}: {error.details()}") from None
+        raise AssertionError("unreachable")
+
+    def predict(self, images: np.ndarray) -> Prediction:
+        predict_stub, _ = self._stubs()
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = self.model_name
+        request.model_spec.signature_name = self.signature_name
+        request.inputs[IMAGES_KEY].CopyFrom(_tensor_proto(images))
+        response = self._call(predict_stub.Predict, request)
+        try:
+            probabilities = _probabilities(response.outputs[PROBABILITIES_KEY])
+            classes_proto = response.outputs[CLASSES_KEY]
+        except (KeyError, ValueError) as error:
+            raise BackendError(f"TensorFlow Serving response lacks the contract's outputs: {error}") from None
+        if probabilities.ndim != 2 or probabilities.shape[0] != len(images):
+            raise BackendError(f"TensorFlow Serving returned probabilities of shape {probabilities.shape}")
+        num_classes = probabilities.shape[1]
+        class_names = tuple(s.decode("utf-8") for s in classes_proto.string_val[:num_classes])
+        if len(class_names) != num_classes:
+            raise BackendError("TensorFlow Serving returned fewer class names than probabilities")
+        self._class_names = class_names
+        return Prediction(
+            probabilities=probabilities,
+            class_names=class_names,
+            model_name=response.model_spec.name or self.model_name,
+            model_version=int(response.model_spec.version.value),
+        )
+
+    def explain(self, images: np.ndarray, class_index: int | None = None) -> Explanation:
+        """Grad-CAM heatmaps from the `explain` signature, over gRPC (class_index None = top class)."""
+        predict_stub, _ = self._stubs()
+        try:
+            response = self._call(predict_stub.Predict, explain_request(self.model_name, images, class_index))
+        except BackendError as error:
+            if is_missing_signature(error):
+                raise unsupported(self.model_name, "on TensorFlow Serving", str(error)) from None
+            raise
+        return parse_explain_response(response, len(images), self.model_name)
+
+    def status(self) -> ModelStatus:
+        """Ready only when some version is AVAILABLE: the status call itself succeeds with none loaded."""
+        _, model_stub = self._stubs()
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = self.model_name
+        try:
+            response = self._call(model_stub.GetModelStatus, request)
+        except (BackendUnavailable, BackendTimeout, BackendError) as error:
+            return ModelStatus(False, self.model_name, None, None, str(error))
+        available = [s.version for s in response.model_version_status if s.state == _AVAILABLE]
+        if not available:
+            states = ", ".join(
+                f"{s.version}: {get_model_status_pb2.ModelVersionStatus.State.Name(s.state)}"
+                for s in response.model_version_status
+            )
+            return ModelStatus(
+                False, self.model_name, None, None, f"no version AVAILABLE ({states or 'none'})"
+            )
+        version = max(available)
+        if self._class_names is None:
+            # Class names travel only with predictions; one probe image learns them once.
+            try:
+                self.predict(np.zeros((1, 32, 32, 3), np.uint8))
+            except (BackendUnavailable, BackendTimeout, BackendError) as error:
+                return ModelStatus(False, self.model_name, version, None, f"probe prediction failed: {error}")
+        return ModelStatus(True, self.model_name, version, self._class_names, f"version {version} AVAILABLE")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None

@@ -1,0 +1,51 @@
+"""gunicorn settings for the gateway: `gunicorn -c serving/gunicorn.conf.py 'serving.app:create_app()'`.
+
+Environment: GATEWAY_BIND (127.0.0.1:8080), GATEWAY_WORKERS (2), GATEWAY_THREADS (8); gunicorn's
+own flags (--bind, --workers) override them. The app is not preloaded: each worker builds it after
+the fork, so TensorFlow, the model poller thread and gRPC channels are per worker.
+"""
+
+import os
+import shutil
+import tempfile
+
+bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8080")
+workers = int(os.environ.get("GATEWAY_WORKERS", "2"))
+# Threads let one worker overlap request parsing with model calls (TensorFlow releases the GIL).
+worker_class = "gthread"
+threads = int(os.environ.get("GATEWAY_THREADS", "8"))
+timeout = 120  # a worker imports TensorFlow and loads the model before it first reports alive
+graceful_timeout = 20
+# gunicorn 23+ opens a control socket at one fixed path per user; several gateways on one host (tests,
+# benchmarks, replicas) would take it from each other, and nothing here uses it.
+control_socket_disable = True
+accesslog = os.environ.get("GATEWAY_ACCESS_LOG") or None  # e.g. "-" for stdout; off by default for speed
+
+# prometheus-client multiprocess mode needs a directory shared by the workers, set before any
+# worker imports prometheus_client; start from an empty one so dead workers' counts do not linger.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+
+
+def on_starting(server) -> None:  # noqa: ANN001 - gunicorn hook
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory, exist_ok=True)
+
+
+def child_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn hook
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def post_fork(server, worker) -> None:  # noqa: ANN001 - gunicorn hook
+    # Route the gateway's own logs (model loaded, version swapped, unexpected errors) through
+    # gunicorn's error log, so --log-level and --error-logfile apply to them too. post_fork runs
+    # before the worker builds the app, so the first model load is logged as well.
+    import logging
+
+    gateway_log = logging.getLogger("serving")
+    gateway_log.handlers = list(worker.log.error_log.handlers)
+    gateway_log.setLevel(worker.log.error_log.level)
+    gateway_log.propagate = False

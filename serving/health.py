@@ -1,0 +1,24 @@
+"""/healthz (the process answers) and /readyz (a model version is loaded and answering)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    status = current_app.extensions["gateway.backend"].status()
+    body = {
+        "ready": status.ready,
+        "model": status.model_name,
+        "version": status.version,
+        "detail": status.detail,
+    }
+    return jsonify(body), (200 if status.ready else 503)

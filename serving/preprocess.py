@@ -1,0 +1,47 @@
+"""The resize contract between the gateway (Pillow) and the exported bytes signature (TensorFlow).
+
+Both paths turn a decoded RGB image of any size into uint8 pixels [32, 32, 3]:
+  * here: Pillow `Image.resize((32, 32), Image.BILINEAR)`. On downscaling Pillow widens the
+    triangle filter by the scale factor (antialiasing), and it resizes in two separable passes,
+    horizontal then vertical, rounding halves up to uint8 after each pass;
+  * in the graph (trainer/export/savedmodel.py): the same two passes with
+    `tf.image.resize(..., method="bilinear", antialias=True)`, each followed by floor(x + 0.5).
+The filters are the same, so the pixels agree to within one level on a small share of values; the
+parity tests (tests/trainer/test_export_parity.py) measure by how much.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+INPUT_SIZE = 32  # pixels, height = width
+RESAMPLE = Image.Resampling.BILINEAR
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB. Transparency is composited on white (what a viewer shows)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I") or mode == "F":
+        # 16/32-bit grayscale: a plain convert() clips everything above 255 to white, so scale the
+        # range down instead (16-bit PNGs keep their full 0..65535 range here).
+        pixels = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if mode.startswith("I;16") or pixels.max(initial=0) > 255 else 1.0
+        gray = np.clip(np.rint(pixels / scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def to_model_input(image: Image.Image) -> np.ndarray:
+    """An RGB PIL image of any size -> uint8 array [32, 32, 3], the model's input pixels."""
+    image = to_rgb(image)
+    if image.size != (INPUT_SIZE, INPUT_SIZE):
+        image = image.resize((INPUT_SIZE, INPUT_SIZE), RESAMPLE)
+    return np.asarray(image, dtype=np.uint8)

@@ -1,0 +1,144 @@
+"""Upload decoding: every Pillow mode becomes RGB, bad files get clear errors, bombs are not decoded."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.errors import GatewayError
+from serving.images import decode_image
+
+LIMIT = 1_000_000
+
+
+def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height but which carries no pixel data at all."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def decode(data: bytes) -> Image.Image:
+    return decode_image(data, filename="upload.png", max_pixels=LIMIT)
+
+
+def error_of(data: bytes, max_pixels: int = LIMIT) -> GatewayError:
+    with pytest.raises(GatewayError) as info:
+        decode_image(data, filename="upload.bin", max_pixels=max_pixels)
+    assert "upload.bin" in info.value.message  # the client learns which file failed
+    return info.value
+
+
+def test_rgb_png_round_trips() -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    out = decode(encode(Image.fromarray(pixels), "PNG"))
+    assert out.mode == "RGB" and np.array_equal(np.asarray(out), pixels)
+
+
+def test_grayscale_becomes_three_equal_channels() -> None:
+    out = np.asarray(decode(encode(Image.new("L", (8, 8), 77), "PNG")))
+    assert out.shape == (8, 8, 3) and (out == 77).all()
+
+
+def test_palette_with_transparency_is_composited_on_white() -> None:
+    image = Image.new("P", (4, 4), 1)
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    image.putpixel((0, 0), 0)
+    out = decode(encode(image, "PNG", transparency=0))
+    assert out.getpixel((0, 0)) == (255, 255, 255)  # transparent index -> white, not black
+    assert out.getpixel((1, 1)) == (255, 0, 0)
+
+
+def test_rgba_is_composited_on_white() -> None:
+    image = Image.new("RGBA", (2, 1), (0, 0, 255, 255))
+    image.putpixel((0, 0), (0, 0, 0, 0))
+    out = decode(encode(image, "PNG"))
+    assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 0)) == (0, 0, 255)
+
+
+def test_cmyk_jpeg_becomes_rgb() -> None:
+    out = decode(encode(Image.new("RGB", (16, 16), (200, 40, 40)).convert("CMYK"), "JPEG", quality=95))
+    r, g, b = out.getpixel((8, 8))
+    assert out.mode == "RGB" and r > 150 and g < 90 and b < 90
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped() -> None:
+    image = Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16))
+    assert image.mode == "I;16"
+    out = decode(encode(image, "PNG"))
+    assert out.getpixel((0, 0)) == (156, 156, 156)  # 40000 / 257, where convert() would give 255
+
+
+def test_animation_gives_its_first_frame() -> None:
+    frames = [Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=50)
+    r, g, b = decode(buffer.getvalue()).getpixel((4, 4))
+    assert r > 200 and b < 50
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = Image.new("RGB", (40, 20), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 20, 20))  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    out = decode(encode(image, "JPEG", exif=exif, quality=95))
+    assert out.size == (20, 40)  # portrait once rotated
+    top, bottom = out.getpixel((10, 5)), out.getpixel((10, 35))
+    assert top[0] > 200 and bottom[2] > 200  # the left (red) half is now on top
+
+
+def test_empty_file() -> None:
+    error = error_of(b"")
+    assert (error.status, error.code) == (400, "empty_file")
+
+
+def test_not_an_image() -> None:
+    error = error_of(b"this is a text file, not a picture\n" * 10)
+    assert (error.status, error.code) == (400, "not_an_image")
+
+
+def test_unsupported_format_is_415() -> None:
+    error = error_of(encode(Image.new("RGB", (8, 8)), "TIFF"))
+    assert (error.status, error.code) == (415, "unsupported_format")
+    assert "JPEG" in error.message  # names what to convert to
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_image(fmt: str) -> None:
+    pixels = np.random.default_rng(1).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(pixels), fmt)
+    error = error_of(data[: len(data) // 2])
+    assert (error.status, error.code) == (400, "truncated_image")
+
+
+@pytest.mark.parametrize("size", [(100_000, 100_000), (1001, 1000)])
+def test_decompression_bomb_is_refused_before_decoding(size: tuple[int, int]) -> None:
+    # The file has no pixel data: decoding it would fail as truncated, so the 413 proves the
+    # refusal came from the declared size alone. (100000^2 is also past Pillow's own bomb guard.)
+    start = time.perf_counter()
+    error = error_of(png_header_only(*size))
+    assert (error.status, error.code) == (413, "image_too_many_pixels")
+    assert time.perf_counter() - start < 0.5
+    if size[0] == 1001:
+        assert "1001x1000" in error.message and str(LIMIT) in error.message
+
+
+def test_image_at_the_pixel_limit_is_accepted() -> None:
+    out = decode_image(encode(Image.new("RGB", (1000, 1000)), "PNG"), filename="x", max_pixels=LIMIT)
+    assert out.size == (1000, 1000)

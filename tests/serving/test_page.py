@@ -1,0 +1,75 @@
+"""The web page at / in real headless Chromium (Playwright driving Debian's /usr/bin/chromium)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent; install Debian's chromium package"
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def page(gateway_server: str):  # noqa: ANN201 - playwright Page
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(gateway_server)
+        yield page
+        browser.close()
+
+
+def test_uploaded_images_get_probability_bars(page, exported_model, cifar_sample) -> None:  # noqa: ANN001
+    from playwright.sync_api import expect
+
+    expect(page.locator("#model-info")).to_contain_text(f"version {exported_model.version}")
+    paths = [str(path) for path, _ in cifar_sample[:2]]
+    page.set_input_files("#file-input", paths)
+    results = page.locator(".result")
+    expect(results).to_have_count(2, timeout=20_000)
+    for i, path in enumerate(paths):
+        card = results.nth(i)
+        expect(card.locator("h2")).to_contain_text(Path(path).name)
+        rows = card.locator(".bar-row")
+        expect(rows).to_have_count(len(exported_model.class_names))
+        labels = rows.locator(".bar-label").all_inner_texts()
+        assert sorted(labels) == sorted(exported_model.class_names)
+        # Bars are drawn to scale and ordered from most to least likely.
+        widths = [
+            float(w.rstrip("%"))
+            for w in rows.locator(".bar").evaluate_all("bs => bs.map(b => b.style.width)")
+        ]
+        assert widths == sorted(widths, reverse=True)
+        assert sum(widths) == pytest.approx(100, abs=1.0)
+        assert card.locator("img").evaluate("img => img.complete && img.naturalWidth > 0")
+    expect(page.locator("#status")).to_contain_text(f"version {exported_model.version}")
+
+
+def test_a_bad_file_shows_the_error_message(page, tmp_path: Path) -> None:  # noqa: ANN001
+    from playwright.sync_api import expect
+
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("these are notes, not a picture\n" * 5)
+    page.set_input_files("#file-input", str(not_an_image))
+    expect(page.locator("#status")).to_contain_text("not_an_image", timeout=20_000)
+    expect(page.locator("#status")).to_have_class("error")
