@@ -1,0 +1,266 @@
+"""Client for TensorFlow Serving's gRPC API (PredictionService, ModelService).
+
+Two ways to predict, one per exported signature (docs/architecture.md):
+  * pixels (`serving_default`): images are decoded and resized here exactly as the gateway does,
+    and sent as float32 [N, 32, 32, 3];
+  * bytes (`serving_bytes`): the encoded files are sent as a string tensor and decoded in the graph.
+Input and output keys are read from GetModelMetadata's SignatureDefs, not assumed: the one input
+of the signature, the float output as probabilities and the string output as class labels.
+
+Retries on UNAVAILABLE are gRPC's own (a service-config retryPolicy), so they happen inside the
+call's deadline and back off with jitter, without any hand-written loop.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from client.images import ImageInput, read_image, to_pixels
+from client.results import ClientError, ModelStatus, PredictResult, VersionStatus, rank
+
+PIXELS_SIGNATURE = "serving_default"
+BYTES_SIGNATURE = "serving_bytes"
+DEFAULT_TOP_K = 5
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # gRPC's 4 MiB default is ~1300 CIFAR images as float32
+_SERVICES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
+
+# What to tell the user for each failure; the server's own detail is appended.
+_HINTS = {
+    grpc.StatusCode.UNAVAILABLE: "is TensorFlow Serving running at that address?",
+    grpc.StatusCode.NOT_FOUND: "check the model name and version the server loads",
+    grpc.StatusCode.FAILED_PRECONDITION: "the model lacks that signature; re-export it or use the other mode",
+    grpc.StatusCode.INVALID_ARGUMENT: "the request does not fit the model's signature",
+}
+
+
+def retry_service_config(max_attempts: int, initial_backoff_s: float, max_backoff_s: float) -> str:
+    """gRPC service config retrying UNAVAILABLE on both TF Serving services (gRPC caps attempts at 5)."""
+    policy = {
+        "maxAttempts": max_attempts,
+        "initialBackoff": f"{initial_backoff_s}s",
+        "maxBackoff": f"{max_backoff_s}s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    return json.dumps(
+        {"methodConfig": [{"name": [{"service": s} for s in _SERVICES], "retryPolicy": policy}]}
+    )
+
+
+@dataclass(frozen=True)
+class _SignatureKeys:
+    input_key: str
+    input_dtype: int
+    probabilities_key: str
+    classes_key: str
+
+
+def _signature_keys(name: str, signature: meta_graph_pb2.SignatureDef) -> _SignatureKeys:
+    if len(signature.inputs) != 1:
+        raise ClientError(
+            "unexpected_signature",
+            f"signature {name!r} takes inputs {sorted(signature.inputs)}; expected one",
+        )
+    ((input_key, input_info),) = signature.inputs.items()
+    floats = [k for k, v in signature.outputs.items() if v.dtype == types_pb2.DT_FLOAT]
+    strings = [k for k, v in signature.outputs.items() if v.dtype == types_pb2.DT_STRING]
+    if len(floats) != 1 or len(strings) != 1:
+        raise ClientError(
+            "unexpected_signature",
+            f"signature {name!r} has outputs {sorted(signature.outputs)}; expected one float32 "
+            "(probabilities) and one string (class labels) output",
+        )
+    return _SignatureKeys(input_key, input_info.dtype, floats[0], strings[0])
+
+
+def _tensor(array: np.ndarray, dtype: int) -> tensor_pb2.TensorProto:
+    shape = tensor_shape_pb2.TensorShapeProto(
+        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in array.shape]
+    )
+    proto = tensor_pb2.TensorProto(dtype=dtype, tensor_shape=shape)
+    if dtype == types_pb2.DT_STRING:
+        proto.string_val.extend(array.tolist())
+    else:
+        proto.tensor_content = np.ascontiguousarray(array, dtype="<f4").tobytes()
+    return proto
+
+
+def _floats(proto: tensor_pb2.TensorProto) -> np.ndarray:
+    shape = tuple(d.size for d in proto.tensor_shape.dim)
+    if proto.tensor_content:  # servers started with --use_tensor_content answer this way
+        return np.frombuffer(proto.tensor_content, dtype="<f4").reshape(shape)
+    return np.asarray(proto.float_val, dtype=np.float32).reshape(shape)
+
+
+class GRPCClient:
+    def __init__(
+        self,
+        address: str,
+        model_name: str = "cifar10",
+        *,
+        version: int | None = None,
+        timeout: float = 10.0,
+        tls: bool = False,
+        ca_file: str | Path | None = None,
+        max_attempts: int = 5,
+        initial_backoff_s: float = 0.1,
+        max_backoff_s: float = 1.0,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.address = address
+        self.model_name = model_name
+        self.version = version
+        self.timeout = timeout
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", retry_service_config(max_attempts, initial_backoff_s, max_backoff_s)),
+            # After an outage gRPC would wait up to 2 minutes between reconnects; come back in ~1 s.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        if tls or ca_file is not None:
+            root = Path(ca_file).read_bytes() if ca_file is not None else None  # None: system roots
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root), options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
+        self._keys: dict[str, _SignatureKeys] = {}
+
+    def __enter__(self) -> GRPCClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method, request, timeout: float | None):  # noqa: ANN001, ANN202 - any unary stub method
+        seconds = self.timeout if timeout is None else timeout
+        try:
+            return method(request, timeout=seconds)
+        except grpc.RpcError as error:
+            code = error.code()
+            hint = _HINTS.get(code, "")
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                hint = f"no answer within {seconds} s; raise the timeout or send fewer images"
+            raise ClientError(
+                code.name.lower(),
+                f"TensorFlow Serving at {self.address} answered {code.name}: {error.details()}"
+                + (f" ({hint})" if hint else ""),
+            ) from None
+
+    def _spec(self, model_spec, signature_name: str = "") -> None:  # noqa: ANN001 - a ModelSpec message
+        model_spec.name = self.model_name
+        if self.version is not None:
+            model_spec.version.value = self.version
+        if signature_name:
+            model_spec.signature_name = signature_name
+
+    def signature_defs(self, *, timeout: float | None = None) -> dict[str, meta_graph_pb2.SignatureDef]:
+        """GetModelMetadata: the model's SignatureDefs by name."""
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        self._spec(request.model_spec)
+        response = self._call(self._predict.GetModelMetadata, request, timeout)
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        if not response.metadata["signature_def"].Unpack(signatures):
+            raise ClientError("bad_response", "GetModelMetadata answered without a SignatureDefMap")
+        return dict(signatures.signature_def)
+
+    def model_status(self, *, timeout: float | None = None) -> ModelStatus:
+        """GetModelStatus: every version the server knows and its state."""
+        request = get_model_status_pb2.GetModelStatusRequest()
+        self._spec(request.model_spec)
+        response = self._call(self._models.GetModelStatus, request, timeout)
+        states = get_model_status_pb2.ModelVersionStatus.State
+        return ModelStatus(
+            model_name=self.model_name,
+            versions=[
+                VersionStatus(int(s.version), states.Name(s.state), s.status.error_message)
+                for s in response.model_version_status
+            ],
+        )
+
+    def _signature(self, name: str, timeout: float | None) -> _SignatureKeys:
+        if name not in self._keys:
+            signatures = self.signature_defs(timeout=timeout)
+            if name not in signatures:
+                raise ClientError(
+                    "signature_not_found",
+                    f"model {self.model_name!r} has no signature {name!r}; it has {sorted(signatures)}",
+                )
+            self._keys[name] = _signature_keys(name, signatures[name])
+        return self._keys[name]
+
+    def predict(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        top_k: int = DEFAULT_TOP_K,
+        use_bytes: bool = False,
+        timeout: float | None = None,
+    ) -> PredictResult:
+        """Classify images (paths or (filename, bytes) pairs) in one Predict call."""
+        if not images:
+            raise ClientError("no_images", "pass at least one image")
+        signature_name = BYTES_SIGNATURE if use_bytes else PIXELS_SIGNATURE
+        keys = self._signature(signature_name, timeout)
+        files = [read_image(image) for image in images]
+        if use_bytes:
+            expected, tensor = types_pb2.DT_STRING, np.array([data for _, data in files], dtype=object)
+        else:
+            pixels = np.stack([to_pixels(name, data) for name, data in files]).astype(np.float32)
+            expected, tensor = types_pb2.DT_FLOAT, pixels
+        if keys.input_dtype != expected:
+            raise ClientError(
+                "unexpected_signature",
+                f"signature {signature_name!r} input {keys.input_key!r} has dtype "
+                f"{types_pb2.DataType.Name(keys.input_dtype)}, not {types_pb2.DataType.Name(expected)}",
+            )
+        request = predict_pb2.PredictRequest()
+        self._spec(request.model_spec, signature_name)
+        request.inputs[keys.input_key].CopyFrom(_tensor(tensor, expected))
+        response = self._call(self._predict.Predict, request, timeout)
+        try:
+            probabilities = _floats(response.outputs[keys.probabilities_key])
+            classes_proto = response.outputs[keys.classes_key]
+        except (KeyError, ValueError) as error:
+            raise ClientError(
+                "bad_response", f"Predict answered without the signature's outputs: {error}"
+            ) from None
+        if probabilities.shape[:1] != (len(files),) or probabilities.ndim != 2:
+            raise ClientError(
+                "bad_response", f"Predict answered probabilities of shape {probabilities.shape}"
+            )
+        num_classes = probabilities.shape[1]
+        labels = [s.decode("utf-8") for s in classes_proto.string_val]
+        # The classes output is [N, C] (one row per image); every row is the same list of labels.
+        rows = [labels[i * num_classes : (i + 1) * num_classes] for i in range(len(files))]
+        if any(len(row) != num_classes for row in rows):
+            raise ClientError("bad_response", "Predict answered fewer class labels than probabilities")
+        return PredictResult(
+            model_name=response.model_spec.name or self.model_name,
+            model_version=int(response.model_spec.version.value),
+            images=[
+                rank(name, row, probabilities[i].tolist(), top_k)
+                for i, ((name, _), row) in enumerate(zip(files, rows, strict=True))
+            ],
+        )

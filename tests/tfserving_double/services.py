@@ -1,0 +1,140 @@
+"""gRPC servicers for TensorFlow Serving's PredictionService and ModelService, on the real stubs."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+from google.protobuf import any_pb2
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from tests.tfserving_double.models import ModelRegistry
+from tests.tfserving_double.servable import ServingError
+
+SIGNATURE_DEF_FIELD = "signature_def"  # the only metadata field TF Serving supports
+
+
+def _requested(model_spec) -> tuple[str, int | None]:
+    if not model_spec.name:
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
+    if model_spec.WhichOneof("version_choice") == "version_label":
+        # Labels need a model config file in TF Serving; this double serves a bare base directory.
+        raise ServingError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"Unrecognized servable version label: {model_spec.version_label}",
+        )
+    return model_spec.name, (model_spec.version.value if model_spec.HasField("version") else None)
+
+
+class Faults:
+    """Misbehaviour the tests switch on, shared by all servicers; also counts the calls received."""
+
+    def __init__(self) -> None:
+        self.delay_s = 0.0
+        self.calls = 0
+        self._unavailable_left = 0
+        self._lock = threading.Lock()
+
+    def fail_next(self, count: int) -> None:
+        with self._lock:
+            self._unavailable_left = count
+
+    def on_call(self) -> bool:
+        """Count a call; True when it must be answered UNAVAILABLE."""
+        with self._lock:
+            self.calls += 1
+            if self._unavailable_left > 0:
+                self._unavailable_left -= 1
+                return True
+            return False
+
+
+class _Base:
+    def __init__(self, registry: ModelRegistry, faults: Faults) -> None:
+        self._registry = registry
+        self._faults = faults
+
+    def _handle(self, context: grpc.ServicerContext, work: Callable[[], object]):
+        if self._faults.on_call():
+            # What a server that is shutting down or overloaded answers; clients may retry it.
+            context.abort(grpc.StatusCode.UNAVAILABLE, "Server is shutting down (tfserving double fault)")
+        if self._faults.delay_s > 0:
+            time.sleep(self._faults.delay_s)  # a slow server: the client's deadline decides the outcome
+        try:
+            return work()
+        except ServingError as err:
+            context.abort(err.code, err.message)
+
+
+class PredictionServicer(_Base, prediction_service_pb2_grpc.PredictionServiceServicer):
+    def Predict(self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext):  # noqa: N802
+        def work() -> predict_pb2.PredictResponse:
+            name, version = _requested(request.model_spec)
+            servable = self._registry.get(name, version)
+            outputs = servable.predict(
+                request.model_spec.signature_name, request.inputs, request.output_filter
+            )
+            response = predict_pb2.PredictResponse()
+            response.model_spec.name = name
+            response.model_spec.version.value = servable.version
+            response.model_spec.signature_name = request.model_spec.signature_name or "serving_default"
+            for alias, proto in outputs.items():
+                response.outputs[alias].CopyFrom(proto)
+            return response
+
+        return self._handle(context, work)
+
+    def GetModelMetadata(  # noqa: N802
+        self, request: get_model_metadata_pb2.GetModelMetadataRequest, context: grpc.ServicerContext
+    ):
+        def work() -> get_model_metadata_pb2.GetModelMetadataResponse:
+            name, version = _requested(request.model_spec)
+            if not request.metadata_field:
+                raise ServingError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "GetModelMetadataRequest must specify at least one metadata_field",
+                )
+            for field in request.metadata_field:
+                if field != SIGNATURE_DEF_FIELD:
+                    raise ServingError(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field {field} is not supported"
+                    )
+            servable = self._registry.get(name, version)
+            signature_map = get_model_metadata_pb2.SignatureDefMap()
+            for key, signature in servable.signature_defs.items():
+                signature_map.signature_def[key].CopyFrom(signature)
+            packed = any_pb2.Any()
+            packed.Pack(signature_map)
+            response = get_model_metadata_pb2.GetModelMetadataResponse()
+            response.model_spec.name = name
+            response.model_spec.version.value = servable.version
+            response.metadata[SIGNATURE_DEF_FIELD].CopyFrom(packed)
+            return response
+
+        return self._handle(context, work)
+
+
+class ModelServicer(_Base, model_service_pb2_grpc.ModelServiceServicer):
+    def GetModelStatus(  # noqa: N802
+        self, request: get_model_status_pb2.GetModelStatusRequest, context: grpc.ServicerContext
+    ):
+        def work() -> get_model_status_pb2.GetModelStatusResponse:
+            name, version = _requested(request.model_spec)
+            response = get_model_status_pb2.GetModelStatusResponse()
+            for number, state in sorted(self._registry.status(name, version).items(), reverse=True):
+                entry = response.model_version_status.add()
+                entry.version = number
+                entry.state = get_model_status_pb2.ModelVersionStatus.State.Value(state.state)
+                entry.status.error_code = state.error_code.value[0]
+                entry.status.error_message = state.error_message
+            return response
+
+        return self._handle(context, work)
