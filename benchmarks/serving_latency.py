@@ -1,0 +1,318 @@
+"""Serving latency and throughput: the naive Flask + `model.predict` app against the gateway.
+
+Both run under gunicorn with the same settings (serving/gunicorn.conf.py, same worker count) and
+the same model, and get the same closed-loop load: C clients each sending one request, waiting
+for the answer, sending the next. Scenarios: single-image uploads at 1 and 16 clients for both,
+then 64-image requests to the gateway, compared with the bare model's own batch throughput
+(the SavedModel signature called in this process, no HTTP).
+
+  python -m benchmarks.serving_latency [--run-dir RUN] [--duration 8] [--out results.json]
+
+Without --run-dir an untrained model of the default architecture is built: speed does not depend
+on what the weights learned. Clients and servers share this machine's CPUs, as they would on one host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+GUNICORN = Path(sys.executable).with_name("gunicorn")
+BOUNDARY = "benchmark-boundary-7f3a"
+
+
+def build_run_dir(directory: Path, arch: str, width: int | None = None) -> Path:
+    """A run directory holding an untrained `arch` model: what export and the naive app read."""
+    import keras
+
+    from trainer.models import build_model
+
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    mean, std = [125.3, 123.0, 113.9], [63.0, 62.1, 66.7]
+    keras.utils.set_random_seed(0)
+    model = build_model(arch, num_classes=len(classes), mean=mean, std=std, width=width)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save(directory / "model.keras")
+    (directory / "dataset.json").write_text(json.dumps({"name": "benchmark", "class_names": classes}))
+    (directory / "metrics.json").write_text(json.dumps({"test_accuracy": None}))
+    return directory
+
+
+def sample_pngs(count: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
+        images.append(buffer.getvalue())
+    return images
+
+
+def multipart(field: str, images: list[bytes]) -> bytes:
+    parts = []
+    for i, data in enumerate(images):
+        parts.append(
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="{i}.png"\r\n'
+            "Content-Type: image/png\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def gunicorn(app: str, env: dict[str, str], workers: int, ready_path: str) -> Iterator[int]:
+    port = free_port()
+    process = subprocess.Popen(
+        [str(GUNICORN), "-c", "serving/gunicorn.conf.py", "--bind", f"127.0.0.1:{port}"]
+        + ["--workers", str(workers), app],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"gunicorn for {app} exited with {process.returncode}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", ready_path)
+                if conn.getresponse().status in (200, 405):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{app} did not start within 180 s")
+            time.sleep(0.5)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def closed_loop(port: int, path: str, body: bytes, clients: int, duration_s: float) -> dict:
+    """`clients` threads, each on its own keep-alive connection, for `duration_s` after a warmup."""
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    start_at = time.monotonic() + 1.0  # one second of warmup requests, not counted
+    stop_at = start_at + duration_s
+
+    def client(index: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        while True:
+            sent = time.monotonic()
+            if sent >= stop_at:
+                break
+            try:
+                conn.request("POST", path, body=body, headers=headers)
+                response = conn.getresponse()
+                response.read()
+                ok = response.status == 200
+            except OSError:
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                ok = False
+            if sent >= start_at:
+                if ok:
+                    latencies[index].append(time.monotonic() - sent)
+                else:
+                    errors[index] += 1
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    all_latencies = sorted(x for per_client in latencies for x in per_client)
+    if not all_latencies:
+        return {"requests": 0, "errors": sum(errors), "rps": 0.0, "p50_ms": None, "p99_ms": None}
+    quantiles = statistics.quantiles(all_latencies, n=100, method="inclusive")
+    return {
+        "requests": len(all_latencies),
+        "errors": sum(errors),
+        "rps": len(all_latencies) / duration_s,
+        "p50_ms": 1000 * statistics.median(all_latencies),
+        "p90_ms": 1000 * quantiles[89],
+        "p99_ms": 1000 * quantiles[98],
+    }
+
+
+def bare_model_call(model_path: Path, batch: int, duration_s: float) -> tuple[float, float]:
+    """(images per second, median ms per call) of the SavedModel's serving_default signature, in process."""
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(str(model_path)).signatures["serving_default"]
+    images = tf.constant(np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3)).astype(np.float32))
+    for _ in range(3):
+        signature(images=images)
+    times: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < duration_s:
+        call = time.perf_counter()
+        signature(images=images)["probabilities"].numpy()
+        times.append(time.perf_counter() - call)
+    return len(times) * batch / (time.perf_counter() - start), 1000 * statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run-dir", type=Path, help="a trained run directory (default: untrained model)")
+    parser.add_argument("--arch", default="bn_cnn", help="architecture when no --run-dir is given")
+    parser.add_argument(
+        "--width", type=int, default=16, help="channel width when no --run-dir is given (16: what "
+        "configs/quick.yaml, the model `make serve` trains, uses)"
+    )
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per scenario")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers for both apps")
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    from trainer.export.publish import publish
+
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        work = Path(tmp)
+        run_dir = args.run_dir or build_run_dir(work / "run", args.arch, args.width)
+        model_path = publish(run_dir, work / "models", "cifar10")
+        print(f"model: {run_dir / 'model.keras'} published as {model_path}", flush=True)
+
+        single = sample_pngs(1)
+        batch64 = sample_pngs(64)
+        results: dict = {
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "python": platform.python_version()},
+            "settings": {"duration_s": args.duration, "workers": args.workers, "arch": args.arch,
+                         "width": args.width, "run_dir": str(args.run_dir) if args.run_dir else None},
+            "scenarios": [],
+        }  # fmt: skip
+
+        def record(app: str, scenario: str, clients: int, images: int, measured: dict) -> None:
+            row = {
+                "app": app,
+                "scenario": scenario,
+                "clients": clients,
+                "images_per_request": images,
+                **measured,
+            }
+            row["images_per_s"] = measured["rps"] * images
+            results["scenarios"].append(row)
+            p50, p99 = measured["p50_ms"] or float("nan"), measured["p99_ms"] or float("nan")
+            print(
+                f"{app:8} {scenario:10} c={clients:<3} rps={measured['rps']:8.1f} "
+                f"p50={p50:8.2f} ms p99={p99:8.2f} ms errors={measured['errors']}",
+                flush=True,
+            )
+
+        naive_env = {"NAIVE_RUN_DIR": str(run_dir)}
+        with gunicorn("benchmarks.naive_flask:create_app()", naive_env, args.workers, "/predict") as port:
+            body = multipart("file", single)
+            for clients in (1, 16):
+                record(
+                    "naive",
+                    "1 image",
+                    clients,
+                    1,
+                    closed_loop(port, "/predict", body, clients, args.duration),
+                )
+
+        gateway_env = {
+            "GATEWAY_MODEL_BASE_PATH": str(work / "models"),
+            "GATEWAY_MODEL_NAME": "cifar10",
+            "GATEWAY_TFSERVING_ADDRESS": "",
+            "PROMETHEUS_MULTIPROC_DIR": str(work / "metrics"),
+        }
+        with gunicorn("serving.app:create_app()", gateway_env, args.workers, "/readyz") as port:
+            body = multipart("images", single)
+            for clients in (1, 16):
+                record(
+                    "gateway",
+                    "1 image",
+                    clients,
+                    1,
+                    closed_loop(port, "/v1/predict", body, clients, args.duration),
+                )
+            body = multipart("images", batch64)
+            for clients in (1, 4):
+                record(
+                    "gateway",
+                    "64 images",
+                    clients,
+                    64,
+                    closed_loop(port, "/v1/predict", body, clients, args.duration),
+                )
+
+        bare, bare64_ms = bare_model_call(model_path, 64, args.duration)
+        _, bare1_ms = bare_model_call(model_path, 1, min(args.duration, 3.0))
+        results["bare_model"] = {
+            "batch64_images_per_s": bare,
+            "batch64_ms": bare64_ms,
+            "single_image_ms": bare1_ms,
+        }
+        print(
+            f"bare model in process: batch of 64 {bare:.0f} images/s; one image {bare1_ms:.2f} ms", flush=True
+        )
+
+    rows = {(r["app"], r["scenario"], r["clients"]): r for r in results["scenarios"]}
+    naive16, gate16 = rows[("naive", "1 image", 16)], rows[("gateway", "1 image", 16)]
+    gate1 = rows[("gateway", "1 image", 1)]
+    best64 = max(rows[("gateway", "64 images", c)]["images_per_s"] for c in (1, 4))
+    targets = {
+        "16 clients: gateway rps >= 10x naive": gate16["rps"] >= 10 * naive16["rps"],
+        "16 clients: gateway p99 < 100 ms": (gate16["p99_ms"] or 1e9) < 100,
+        "1 client: gateway p50 < 5 ms": (gate1["p50_ms"] or 1e9) < 5,
+        "64-image requests >= 0.5x bare model batch throughput": best64 >= 0.5 * bare,
+    }
+    results["targets"] = targets
+    print()
+    print("| app | scenario | clients | req/s | images/s | p50 ms | p90 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results["scenarios"]:
+        print(
+            f"| {r['app']} | {r['scenario']} | {r['clients']} | {r['rps']:.1f} | {r['images_per_s']:.0f} | "
+            f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |"
+        )
+    print(f"| bare model | 64 images, in process | - | - | {bare:.0f} | {bare64_ms:.2f} | - | - | - |")
+    print(f"| bare model | 1 image, in process | - | - | - | {bare1_ms:.2f} | - | - | - |")
+    print(f"\nspeed-up at 16 clients: {gate16['rps'] / max(naive16['rps'], 1e-9):.1f}x requests/s")
+    for name, met in targets.items():
+        print(f"{'MET ' if met else 'MISSED'}  {name}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_out = args.out.with_suffix(args.out.suffix + ".tmp")
+        tmp_out.write_text(json.dumps(results, indent=2))
+        os.replace(tmp_out, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

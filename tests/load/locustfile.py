@@ -1,0 +1,69 @@
+"""Locust users uploading the mix from payloads.py to POST /v1/predict.
+
+Run headless through `make loadtest` (tests/load/run.py), or by hand:
+    locust -f tests/load/locustfile.py --headless -u 8 -r 4 -t 30s --host http://127.0.0.1:8080
+Each request is named by its kind ("good ...", "bad ...") so Locust's CSV files give figures per
+kind; a bad input counts as a success only when it gets the 4xx it must get.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+from locust import FastHttpUser, between, events, task
+from locust.env import Environment
+
+from tests.load.payloads import RequestKind, build_mix
+
+MIX: list[RequestKind] = []
+
+
+@events.init.add_listener
+def _build_mix(environment: Environment, **_kwargs: object) -> None:
+    # Once per process, before users start: encoding hundreds of images per request would
+    # otherwise measure the load generator instead of the gateway.
+    MIX[:] = build_mix()
+
+
+def check(kind: RequestKind, images: int, status: int, text: str) -> str | None:
+    """Why this response is wrong for this kind of request, or None when it is right."""
+    if status not in kind.expected:
+        return f"status {status}, expected {sorted(kind.expected)}: {text[:200]}"
+    if status != 200:
+        return None
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return f"200 with a body that is not JSON: {text[:200]}"
+    predictions = body.get("predictions") if isinstance(body, dict) else None
+    if not isinstance(predictions, list) or len(predictions) != images:
+        return f"200 without {images} predictions: {text[:200]}"
+    return None
+
+
+class Uploader(FastHttpUser):
+    wait_time = between(0.0, 0.05)  # near closed-loop: users retry quickly, as impatient apps do
+    # A request still unanswered after this is recorded as a failure (a hang), before run.py's
+    # --stop-timeout ends the run and would drop it unrecorded.
+    network_timeout = 10.0
+    connection_timeout = 5.0
+
+    @task
+    def predict(self) -> None:
+        kind = random.choices(MIX, weights=[k.weight for k in MIX])[0]
+        body = random.choice(kind.bodies)
+        with self.client.post(
+            "/v1/predict",
+            data=body.data,
+            headers={"Content-Type": body.content_type},
+            name=kind.name,
+            catch_response=True,
+        ) as response:
+            status = response.status_code or 0  # 0: no HTTP answer (refused, reset, timed out)
+            text = (response.text or "") if status else f"no answer: {response.error!r}"
+            problem = check(kind, body.images, status, text)
+            if problem:
+                response.failure(problem)
+            else:
+                response.success()

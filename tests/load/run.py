@@ -1,0 +1,132 @@
+"""`make loadtest`: run Locust headless against a gateway, keep its CSV files, apply the gates.
+
+    python -m tests.load.run                      # start a gateway (embedded model) and load it
+    python -m tests.load.run --url http://host:port   # load an existing gateway
+    python -m tests.load.run --model-base models --model-name cifar10   # serve that model
+
+Without --url and without a published model under --model-base, it trains a small model on the
+synthetic dataset and exports it into the results directory first (about a minute), so the command
+works on a fresh checkout. Exits 0 when every gate in tests/load/gates.py passes, 1 with the reasons
+otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from tests.load.gates import P99_GATE_MS, Verdict, evaluate
+from tests.load.gateway_process import PROJECT_ROOT, running_gateway
+from tests.load.payloads import MAX_IMAGES_ENV
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+DEFAULT_RESULTS = PROJECT_ROOT / "loadtest-results"
+# The gateway run.py starts refuses more images than this per request; the mix's "too many images"
+# request sends one more.
+GATEWAY_MAX_IMAGES = 32
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tests.load.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", help="load this running gateway instead of starting one")
+    p.add_argument("--users", type=int, default=8, help="concurrent Locust users (default 8)")
+    p.add_argument("--spawn-rate", type=float, default=4.0, help="users started per second (default 4)")
+    p.add_argument("--time", default="30s", help="run time, Locust syntax: 30s, 2m (default 30s)")
+    p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="where the CSV files go")
+    p.add_argument("--p99-gate-ms", type=float, default=P99_GATE_MS, help=f"p99 gate, ms ({P99_GATE_MS:.0f})")
+    p.add_argument("--model-base", type=Path, help="serve the newest version under MODEL_BASE/<name>/")
+    p.add_argument("--model-name", default="cifar10")
+    p.add_argument("--workers", type=int, default=2, help="gunicorn workers of the started gateway")
+    p.add_argument("--max-images", type=int, default=None,
+                   help=f"images-per-request limit of the gateway under test (default {GATEWAY_MAX_IMAGES} "
+                   "for a started one; pass the --url gateway's GATEWAY_MAX_IMAGES)")
+    return p.parse_args(argv)
+
+
+def has_version(model_base: Path, name: str) -> bool:
+    model_dir = model_base / name
+    return model_dir.is_dir() and any(p.name.isdigit() and (p / "saved_model.pb").is_file()
+                                      for p in model_dir.iterdir())
+
+
+def ensure_model(results_dir: Path, name: str) -> Path:
+    """A model base holding a published `name`: trained quickly on synthetic data when absent."""
+    model_base = results_dir / "model"
+    if has_version(model_base, name):
+        return model_base
+    run_dir = results_dir / "train-run"
+    python = sys.executable
+    steps = [
+        # The load test needs a model that answers, not a good one: 2 epochs on 1500 images.
+        [python, "-m", "trainer", "train", "--dataset", "synthetic", "--config", "configs/quick.yaml",
+         "--epochs", "2", "--set", "data.num_train=1500", "--run-dir", str(run_dir), "--resume"],
+        [python, "-m", "trainer", "export", "--run-dir", str(run_dir), "--model-base", str(model_base),
+         "--model-name", name],
+    ]
+    for command in steps:
+        print("==>", " ".join(command[1:]), flush=True)
+        subprocess.run(command, cwd=PROJECT_ROOT, check=True)
+    return model_base
+
+
+def run_locust(url: str, args: argparse.Namespace, prefix: Path, max_images: int) -> int:
+    command = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+        "-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.time,
+        "--csv", str(prefix), "--host", url, "--stop-timeout", "15", "--exit-code-on-error", "0",
+    ]
+    env = {**os.environ, MAX_IMAGES_ENV: str(max_images)}
+    print(f"==> locust: {args.users} users for {args.time} against {url}", flush=True)
+    return subprocess.run(command, cwd=PROJECT_ROOT, env=env).returncode
+
+
+def report(verdict: Verdict, gate_ms: float, prefix: Path) -> None:
+    p99 = "n/a" if verdict.p99_ms is None else f"{verdict.p99_ms:.0f} ms"
+    print(f"==> {verdict.requests} requests: good {verdict.good_requests} ({verdict.good_failures} failed), "
+          f"bad inputs {verdict.bad_requests} ({verdict.bad_failures} wrong answers), p99 {p99} "
+          f"(gate {gate_ms:.0f} ms); CSV files: {prefix}_*.csv")
+    for problem in verdict.problems:
+        print(f"FAIL: {problem}", file=sys.stderr)
+    if verdict.passed:
+        print("PASS: all load gates met")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = args.results_dir.resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    prefix = results / time.strftime("load-%Y%m%d-%H%M%S")
+    with ExitStack() as stack:
+        url = args.url
+        max_images = args.max_images or GATEWAY_MAX_IMAGES
+        if url is None:
+            given = args.model_base
+            model_base = given if given and has_version(given, args.model_name) else ensure_model(
+                results, args.model_name
+            )
+            env = {
+                "GATEWAY_MODEL_BASE_PATH": str(model_base.resolve()),
+                "GATEWAY_MODEL_NAME": args.model_name,
+                "GATEWAY_TFSERVING_ADDRESS": "",
+                "GATEWAY_MAX_IMAGES": str(max_images),
+            }
+            print(f"==> starting the gateway (embedded model from {model_base})", flush=True)
+            gateway = stack.enter_context(running_gateway(env, workers=args.workers, log_dir=results))
+            url = gateway.url
+        rc = run_locust(url.rstrip("/"), args, prefix, max_images)
+        # Failed requests leave the exit code 0 (--exit-code-on-error 0): the gates judge them.
+        if rc != 0:
+            print(f"FAIL: locust exited with {rc}", file=sys.stderr)
+            return 1
+    verdict = evaluate(Path(f"{prefix}_stats.csv"), args.p99_gate_ms)
+    report(verdict, args.p99_gate_ms, prefix)
+    return 0 if verdict.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

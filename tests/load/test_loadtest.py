@@ -1,0 +1,110 @@
+"""The load harness: its gates judge Locust's CSV correctly, and a short real run passes them.
+
+The short run is `make loadtest` in miniature (4 users, 8 s, against the session's gunicorn
+gateway): the same locustfile, the same request mix, the same gates.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from tests.load import run
+from tests.load.gates import evaluate
+from tests.load.payloads import build_mix
+
+# Locust 2.x's stats CSV header, as written by locust.stats.StatsCSVFileWriter.
+HEADER = ["Type", "Name", "Request Count", "Failure Count", "Median Response Time", "Average Response Time",
+          "Min Response Time", "Max Response Time", "Average Content Size", "Requests/s", "Failures/s",
+          "50%", "66%", "75%", "80%", "90%", "95%", "98%", "99%", "99.9%", "99.99%", "100%"]
+
+
+def write_stats(path: Path, rows: list[tuple[str, int, int, str]]) -> Path:
+    """rows: (name, requests, failures, p99)."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(HEADER)
+        for name, count, failures, p99 in rows:
+            values = dict.fromkeys(HEADER, "0")
+            values.update({"Type": "POST" if name != "Aggregated" else "", "Name": name,
+                           "Request Count": str(count), "Failure Count": str(failures), "99%": p99})
+            writer.writerow([values[h] for h in HEADER])
+    return path
+
+
+def test_gates_pass_a_clean_run(tmp_path: Path) -> None:
+    stats = write_stats(tmp_path / "x_stats.csv", [
+        ("good 1 jpeg 32px", 90, 0, "120"), ("bad empty file", 10, 0, "8"), ("Aggregated", 100, 0, "120"),
+    ])
+    verdict = evaluate(stats, p99_gate_ms=500)
+    assert verdict.passed, verdict.problems
+    assert (verdict.good_requests, verdict.bad_requests, verdict.p99_ms) == (90, 10, 120.0)
+
+
+@pytest.mark.parametrize(
+    ("rows", "reason"),
+    [
+        ([("good 1 png 32px", 50, 1, "100"), ("Aggregated", 50, 1, "100")], "good requests failed"),
+        ([("bad not an image", 5, 2, "10"), ("good 1 png 32px", 50, 0, "90"), ("Aggregated", 55, 2, "90")],
+         "did not get their expected 4xx"),
+        ([("good 1 png 32px", 50, 0, "900"), ("Aggregated", 50, 0, "900")], "over the gate"),
+        ([("Aggregated", 0, 0, "N/A")], "no requests were made"),
+    ],
+)
+def test_gates_fail_with_the_reason(tmp_path: Path, rows: list, reason: str) -> None:
+    verdict = evaluate(write_stats(tmp_path / "x_stats.csv", rows), p99_gate_ms=500)
+    assert not verdict.passed
+    assert any(reason in p for p in verdict.problems), verdict.problems
+
+
+def test_gates_fail_when_locust_wrote_nothing(tmp_path: Path) -> None:
+    verdict = evaluate(tmp_path / "missing_stats.csv")
+    assert not verdict.passed and "missing" in verdict.problems[0]
+
+
+def test_mix_has_good_and_bad_requests_with_their_statuses(tmp_path: Path) -> None:
+    mix = build_mix(limit=5, photo_dir=tmp_path)  # no photos there: the generated fallback
+    good = [k for k in mix if k.good]
+    bad = [k for k in mix if not k.good]
+    assert good and bad and all(k.expected == {200} for k in good)
+    assert all(min(k.expected) >= 400 and max(k.expected) < 500 for k in bad)
+    assert any(b.images > 1 for k in good for b in k.bodies), "no multi-image requests"
+    too_many = next(k for k in bad if "too many" in k.name).bodies[0].data
+    assert too_many.count(b'name="images"') == 6  # one over the limit of 5
+    assert sum(k.weight for k in bad) * 10 < sum(k.weight for k in good), "bad inputs must be a small share"
+
+
+@pytest.mark.load
+@pytest.mark.slow
+def test_short_load_run_passes_the_gates(
+    gateway_server: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # The session gateway keeps the default limit of 64 images per request.
+    rc = run.main(["--url", gateway_server, "--users", "4", "--spawn-rate", "4", "--time", "8s",
+                   "--results-dir", str(tmp_path), "--max-images", "64"])
+    out = capsys.readouterr()
+    assert rc == 0, out.out + out.err
+    stats = next(tmp_path.glob("load-*_stats.csv"))
+    verdict = evaluate(stats)
+    assert verdict.good_requests >= 20 and verdict.bad_requests >= 1, out.out
+    assert "PASS: all load gates met" in out.out
+    names = {row["Name"] for row in csv.DictReader(stats.open())}
+    assert {"good 1 jpeg 640px", "good 4 mixed 32-256px"} <= names, names
+    assert {p.name.split("_", 1)[1] for p in tmp_path.glob("load-*.csv")} >= {"stats.csv", "failures.csv"}
+
+
+@pytest.mark.load
+@pytest.mark.slow
+def test_load_run_fails_against_a_gateway_that_is_not_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from tests.load.gateway_process import free_port
+
+    rc = run.main(["--url", f"http://127.0.0.1:{free_port()}", "--users", "2", "--time", "4s",
+                   "--results-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    # Refused connections are failed good requests; on a slow start Locust may not even get to send.
+    assert "good requests failed" in err or "no requests were made" in err, err
