@@ -14,6 +14,7 @@ from serving.backends.base import Backend, BackendError, BackendTimeout, Backend
 from serving.config import Settings
 from serving.errors import GatewayError
 from serving.images import decode_image
+from serving.model_card import card_summary
 from serving.preprocess import INPUT_SIZE, to_model_input
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
@@ -108,12 +109,13 @@ def _model_inputs(uploads: list[tuple[str, bytes]]) -> np.ndarray:
     return batch
 
 
-def _call_backend(batch: np.ndarray, method: str = "predict") -> Any:
-    """backend.<method>(batch) with backend failures mapped to 502/503/504 (method: predict, explain)."""
+def _call_backend(batch: np.ndarray, method: str = "predict", **kwargs: Any) -> Any:
+    """backend.<method>(batch, **kwargs) with backend failures mapped to 502/503/504 (method:
+    predict, explain)."""
     backend = _backend()
     start = time.perf_counter()
     try:
-        return getattr(backend, method)(batch)
+        return getattr(backend, method)(batch, **kwargs)
     except BackendUnavailable as error:
         raise GatewayError(
             503,
@@ -187,5 +189,7 @@ def models() -> Response:
             "class_names": list(status.class_names or ()),
             "input_size": [INPUT_SIZE, INPUT_SIZE, 3],
             "backend": _backend().kind,
+            # What the version was trained on (null when the gateway cannot see the model base).
+            "model_card": card_summary(_settings().model_base_path, status.model_name, status.version),
         }
     )

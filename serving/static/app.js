@@ -7,6 +7,7 @@ const dropZone = document.getElementById("drop-zone");
 const statusLine = document.getElementById("status");
 const results = document.getElementById("results");
 const modelInfo = document.getElementById("model-info");
+const modelWarning = document.getElementById("model-warning");
 
 function setStatus(text, isError = false) {
   statusLine.textContent = text;
@@ -20,6 +21,14 @@ async function showModel() {
     modelInfo.textContent = response.ok
       ? `Model ${body.name}, version ${body.version}: ${body.class_names.length} classes`
       : `Model not available: ${body.error.message}`;
+    // A demo model trained on generated shapes must not pass for a CIFAR-10 classifier.
+    const card = response.ok ? body.model_card : null;
+    modelWarning.hidden = !(card && card.synthetic);
+    if (card && card.synthetic) {
+      modelWarning.textContent =
+        "This model was trained on synthetic shapes, not CIFAR-10 photos: its answers on real " +
+        "photos mean nothing. Train on CIFAR-10 (python -m trainer train) and export it to serve a real one.";
+    }
   } catch (err) {
     modelInfo.textContent = `Gateway unreachable: ${err}`;
   }

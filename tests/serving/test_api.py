@@ -319,3 +319,32 @@ def test_metrics_count_requests_errors_images_and_latency(gateway_client) -> Non
     assert delta("gateway_images_per_request_sum") == 2
     assert delta("gateway_backend_seconds_count", backend="embedded") == 1
     assert delta("gateway_request_seconds_count", route="/v1/predict") == 2
+
+
+def test_models_says_what_the_version_was_trained_on(gateway_client, exported_model) -> None:  # noqa: ANN001
+    import json
+
+    card = gateway_client.get("/v1/models").get_json()["model_card"]
+    metrics = json.loads((exported_model.run_dir / "metrics.json").read_text())
+    assert card["dataset"] == "synthetic" and card["synthetic"] is True  # the session model's data
+    assert card["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert card["architecture"] and card["created_at"]
+
+
+def test_models_card_is_null_when_the_card_is_not_this_versions(exported_model, tmp_path) -> None:  # noqa: ANN001
+    """A base holding another model's card under the same path (a stale copy) must not be quoted."""
+    import json
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(exported_model.base_path, base)
+    card_path = base / exported_model.name / str(exported_model.version) / "assets.extra" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["version"] = exported_model.version + 41
+    card_path.write_text(json.dumps(card))
+    app = create_app(Settings(model_base_path=base, model_name=exported_model.name, poll_interval_s=60))
+    try:
+        body = app.test_client().get("/v1/models").get_json()
+        assert body["version"] == exported_model.version and body["model_card"] is None
+    finally:
+        app.extensions["gateway.backend"].close()

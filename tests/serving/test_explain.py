@@ -9,6 +9,7 @@ import io
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlencode
 
 import numpy as np
 import pytest
@@ -109,6 +110,39 @@ def test_explain_ranks_like_predict_and_draws_the_signatures_heatmap(gateway_cli
         assert np.abs(drawn - overlay(pixels[i], reference["heatmap"][i]).astype(int)).max() <= 1
 
 
+@pytest.mark.slow
+def test_a_chosen_class_is_explained_by_name_or_index(gateway_client, exported_model, shapes):
+    from tests.tfserving_session import TFServingSession
+
+    pixels, encoded = shapes
+    index = 2
+    name = exported_model.class_names[index]
+    by_name = _post(gateway_client, "/v1/explain", encoded, f"?top_k=1&class={name}")
+    by_index = _post(gateway_client, "/v1/explain", encoded, f"?top_k=1&class={index}")
+    assert by_name.status_code == 200, by_name.get_json()
+    with TFServingSession.load(exported_model.path) as session:
+        reference = session.run(
+            "explain", {"images": pixels.astype(np.float32), "class_index": np.full(4, index, np.int32)}
+        )
+    for i, (a, b) in enumerate(
+        zip(by_name.get_json()["explanations"], by_index.get_json()["explanations"], strict=True)
+    ):
+        assert a["explained_class"] == b["explained_class"] == name
+        assert np.abs(_overlay_pixels(a).astype(int) - overlay(pixels[i], reference["heatmap"][i])).max() <= 1
+        assert np.abs(_overlay_pixels(a).astype(int) - _overlay_pixels(b).astype(int)).max() <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("value", ["no-such-class", "10", "-1", "1.5"])
+def test_an_unknown_class_is_400_naming_the_classes(gateway_client, exported_model, shapes, value):
+    _, encoded = shapes
+    response = _post(gateway_client, "/v1/explain", encoded[:1], "?" + urlencode({"class": value}))
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert error["code"] == "invalid_class"
+    assert repr(value) in error["message"] and exported_model.class_names[-1] in error["message"]
+
+
 def _tiff() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, format="TIFF")
@@ -181,6 +215,9 @@ def test_tfserving_backend_explains_over_grpc_like_the_embedded_one(
         assert a["explained_class"] == b["explained_class"]
         assert a["top_k"][0]["label"] == b["top_k"][0]["label"]
         assert np.abs(_overlay_pixels(a).astype(int) - _overlay_pixels(b).astype(int)).max() <= 1
+    chosen = _post(tfserving_explain_app.test_client(), "/v1/explain", encoded, "?class=1").get_json()
+    second_class = list(remote["explanations"][0]["probabilities"])[1]  # class order = model order
+    assert {e["explained_class"] for e in chosen["explanations"]} == {second_class}
 
 
 @pytest.fixture(scope="module")

@@ -73,3 +73,42 @@ def test_a_bad_file_shows_the_error_message(page, tmp_path: Path) -> None:  # no
     page.set_input_files("#file-input", str(not_an_image))
     expect(page.locator("#status")).to_contain_text("not_an_image", timeout=20_000)
     expect(page.locator("#status")).to_have_class("error")
+
+
+def test_a_synthetic_demo_model_is_flagged(page) -> None:  # noqa: ANN001
+    from playwright.sync_api import expect
+
+    page.goto(page.url)  # the session model was trained on synthetic shapes
+    expect(page.locator("#model-warning")).to_be_visible()
+    expect(page.locator("#model-warning")).to_contain_text("synthetic shapes, not CIFAR-10 photos")
+
+
+def test_a_model_trained_on_photos_carries_no_warning(page, exported_model, tmp_path: Path) -> None:  # noqa: ANN001
+    import json
+    import shutil
+    import threading
+
+    from playwright.sync_api import expect
+    from werkzeug.serving import make_server
+
+    from serving.app import create_app
+    from serving.config import Settings
+
+    base = tmp_path / "base"
+    shutil.copytree(exported_model.base_path, base)
+    card_path = base / exported_model.name / str(exported_model.version) / "assets.extra" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["dataset"].update(name="cifar10", synthetic=False)
+    card_path.write_text(json.dumps(card))
+    app = create_app(Settings(model_base_path=base, model_name=exported_model.name, poll_interval_s=60))
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    other = page.context.browser.new_page()  # one Playwright per process: reuse its browser
+    try:
+        other.goto(f"http://127.0.0.1:{server.server_port}")
+        expect(other.locator("#model-info")).to_contain_text(f"version {exported_model.version}")
+        expect(other.locator("#model-warning")).to_be_hidden()
+    finally:
+        other.close()
+        server.shutdown()
+        app.extensions["gateway.backend"].close()

@@ -66,6 +66,24 @@ def test_readiness_and_models_come_from_model_status(tfserving_app: Flask, tfser
     assert models["backend"] == "tfserving" and len(models["class_names"]) == 10
 
 
+def test_models_card_needs_the_shared_model_volume(tfserving_double, tmp_path) -> None:  # noqa: ANN001
+    """With the volume TF Serving reads mounted (compose does), the card is quoted; without, null."""
+    cards = []
+    for base in (tfserving_double.model_base, tmp_path / "not-mounted"):
+        app = create_app(
+            Settings(
+                tfserving_address=tfserving_double.address,
+                model_name=tfserving_double.model_name,
+                model_base_path=base,
+            )
+        )
+        try:
+            cards.append(app.test_client().get("/v1/models").get_json()["model_card"])
+        finally:
+            app.extensions["gateway.backend"].close()
+    assert cards[0]["synthetic"] is True and cards[1] is None
+
+
 def test_unknown_model_is_not_ready(tfserving_double) -> None:  # noqa: ANN001
     app = create_app(Settings(tfserving_address=tfserving_double.address, model_name="no-such-model"))
     client = app.test_client()
