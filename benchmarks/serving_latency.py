@@ -21,20 +21,18 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from tests.load.gateway_process import running_gateway  # the launcher the load tests and drills use
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-GUNICORN = Path(sys.executable).with_name("gunicorn")
 BOUNDARY = "benchmark-boundary-7f3a"
 
 
@@ -75,46 +73,6 @@ def multipart(field: str, images: list[bytes]) -> bytes:
             + b"\r\n"
         )
     return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def gunicorn(app: str, env: dict[str, str], workers: int, ready_path: str) -> Iterator[int]:
-    port = free_port()
-    process = subprocess.Popen(
-        [str(GUNICORN), "-c", "serving/gunicorn.conf.py", "--bind", f"127.0.0.1:{port}"]
-        + ["--workers", str(workers), app],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"gunicorn for {app} exited with {process.returncode}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", ready_path)
-                if conn.getresponse().status in (200, 405):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{app} did not start within 180 s")
-            time.sleep(0.5)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def closed_loop(port: int, path: str, body: bytes, clients: int, duration_s: float) -> dict:
@@ -233,8 +191,17 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-        naive_env = {"NAIVE_RUN_DIR": str(run_dir)}
-        with gunicorn("benchmarks.naive_flask:create_app()", naive_env, args.workers, "/predict") as port:
+        naive_env = {"NAIVE_RUN_DIR": str(run_dir), "TF_CPP_MIN_LOG_LEVEL": "3"}
+        # The naive app has no health route: a GET on its POST-only /predict answers 405 once up.
+        with running_gateway(
+            naive_env,
+            workers=args.workers,
+            app="benchmarks.naive_flask:create_app()",
+            probe_path="/predict",
+            probe_statuses=(405,),
+            startup_timeout=180,
+        ) as naive:
+            port = naive.port
             body = multipart("file", single)
             for clients in (1, 16):
                 record(
@@ -249,9 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             "GATEWAY_MODEL_BASE_PATH": str(work / "models"),
             "GATEWAY_MODEL_NAME": "cifar10",
             "GATEWAY_TFSERVING_ADDRESS": "",
-            "PROMETHEUS_MULTIPROC_DIR": str(work / "metrics"),
+            "TF_CPP_MIN_LOG_LEVEL": "3",
         }
-        with gunicorn("serving.app:create_app()", gateway_env, args.workers, "/readyz") as port:
+        with running_gateway(gateway_env, workers=args.workers, startup_timeout=180) as gateway:
+            port = gateway.port
             body = multipart("images", single)
             for clients in (1, 16):
                 record(

@@ -1,8 +1,9 @@
 """Start the gateway the way production does (gunicorn, serving/gunicorn.conf.py) on a free port.
 
-Used by the load harness (tests/load/run.py, outside pytest) and by the fault drills, which need
+Used by the load harness (tests/load/run.py, outside pytest), by the fault drills, which need
 their own gateway per drill: a model base they can write into, a TF Serving address they control,
-a short poll interval or deadline, several workers to kill one of.
+a short poll interval or deadline, several workers to kill one of; and by the serving benchmark
+(benchmarks/serving_latency.py), which runs the naive Flask baseline under the same launcher.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class GatewayProcess:
     log_path: Path
 
     @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    @property
     def master(self) -> psutil.Process:
         return psutil.Process(self.process.pid)
 
@@ -64,9 +69,9 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: f
     raise TimeoutError(f"{what} did not happen within {timeout:.0f} s")
 
 
-def _answers(url: str) -> bool:
+def _answers(url: str, statuses: tuple[int, ...] = (200,)) -> bool:
     try:
-        return requests.get(url, timeout=2).status_code == 200
+        return requests.get(url, timeout=2).status_code in statuses
     except requests.RequestException:
         return False
 
@@ -80,11 +85,15 @@ def running_gateway(
     wait_ready: bool = True,
     startup_timeout: float = 120.0,
     log_dir: Path | None = None,
+    app: str = "serving.app:create_app()",
+    probe_path: str | None = None,
+    probe_statuses: tuple[int, ...] = (200,),
 ) -> Iterator[GatewayProcess]:
-    """gunicorn serving `serving.app:create_app()` with GATEWAY_* settings from `env`.
+    """gunicorn serving `app` (the gateway by default) with GATEWAY_* settings from `env`.
 
-    Waits for /healthz (and /readyz unless `wait_ready` is False, for drills whose backend is down
-    at start). Stops the whole process group on exit, so no worker outlives the test.
+    Waits for /readyz (or /healthz when `wait_ready` is False, for drills whose backend is down at
+    start; or `probe_path` answering one of `probe_statuses`, for another app). Stops the whole
+    process group on exit, so no worker outlives the test.
     """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -102,19 +111,19 @@ def running_gateway(
                "--workers", str(workers)]
     if threads is not None:
         command += ["--threads", str(threads)]
-    command.append("serving.app:create_app()")
+    command.append(app)
     log_path = log_dir / f"gunicorn-{port}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=full_env, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     gateway = GatewayProcess(url, process, log_path)
     try:
-        probe = f"{url}/readyz" if wait_ready else f"{url}/healthz"
+        probe = url + (probe_path or ("/readyz" if wait_ready else "/healthz"))
 
         def up() -> bool:
             if process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{gateway.log()[-3000:]}")
-            return _answers(probe)
+            return _answers(probe, probe_statuses)
 
         try:
             wait_until(up, startup_timeout, f"gateway at {probe} answering 200")
