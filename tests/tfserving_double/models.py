@@ -5,6 +5,15 @@ are versions (anything else, e.g. a half-written `.tmp-3` or `3.partial`, is ign
 default version policy serves only the latest version; with `all_versions=True` every version is
 served (TF Serving's `model_version_policy { all {} }`). A version that disappears or is superseded
 is unloaded and then reported with state END, as GetModelStatus does after a rollout.
+
+A version that fails to load is reported as END with the loader's own error in its status
+(basic_manager.cc publishes {id, kEnd, error}; get_model_status_impl.cc copies it through
+ToStatusProto). Known simplifications (codes and messages are unaffected; timing is not):
+  * TF Serving (file_system_storage_path_source.cc) takes any child whose name safe_strto64 parses
+    as a version and tries to load it, saved_model.pb or not; the double waits for saved_model.pb,
+    which stands in for the server retrying a failed load (--max_num_load_retries=5, 60 s apart).
+  * Those retries keep a failing version in LOADING for minutes; the double reports END at once.
+  * START / LOADING / UNLOADING are never observed: loads and unloads here are synchronous.
 """
 
 from __future__ import annotations
@@ -14,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import tensorflow as tf
 
-from tests.tfserving_double.servable import Servable, ServingError
+from tests.tfserving_double.servable import CODES_BY_VALUE, Servable, ServingError
 
 
 @dataclass
@@ -36,6 +46,16 @@ def _versions_on_disk(model_dir: Path) -> list[int]:
         # isdecimal, not isdigit: "²" is a digit to Python but not to TF Serving's parser.
         if child.name.isascii() and child.name.isdecimal() and (child / "saved_model.pb").is_file()
     )
+
+
+def _load_error(path: Path, err: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status TF Serving's C++ loader would report for this Python loader failure."""
+    if isinstance(err, tf.errors.OpError):  # TensorFlow's own status (e.g. restoring variables)
+        return CODES_BY_VALUE.get(err.error_code, grpc.StatusCode.UNKNOWN), err.message
+    if isinstance(err, OSError) and "Cannot parse file" in str(err):
+        # Python's loader words it "Cannot parse file ..."; the C++ one (ReadBinaryProto) says:
+        return grpc.StatusCode.DATA_LOSS, f"Can't parse {path / 'saved_model.pb'} as binary proto"
+    return grpc.StatusCode.UNKNOWN, str(err)
 
 
 class ModelRegistry:
@@ -62,18 +82,25 @@ class ModelRegistry:
             states = self._states.setdefault(name, {})
         for version in wanted:
             if version in loaded or states.get(version, VersionState("")).error_code != grpc.StatusCode.OK:
-                continue  # loaded already, or failed before: TF Serving does not retry a failed load
+                continue  # loaded, or ended in error: not reloaded (enable_reload_servables_with_error)
             try:
                 servable = Servable(name, version, self.model_base / name / str(version))
             except Exception as err:  # any load failure is reported through GetModelStatus
+                code, message = _load_error(self.model_base / name / str(version), err)
                 with self._lock:
-                    states[version] = VersionState("END", grpc.StatusCode.UNKNOWN, f"failed to load: {err}")
+                    states[version] = VersionState("END", code, message)
                 continue
             with self._lock:
                 self._loaded.setdefault(name, {})[version] = servable
                 states[version] = VersionState("AVAILABLE")
-        # The new version is loaded before the old one goes: no gap in availability.
-        for version in sorted(set(self._loaded.get(name, {})) - set(wanted)):
+        # AvailabilityPreservingPolicy (the model server's policy): the new version is loaded
+        # before an old one goes, and while no wanted version is serving (e.g. the new one failed
+        # to load) the newest old one keeps serving; with no wanted version at all, all go.
+        serving = set(self._loaded.get(name, {}))
+        unwanted = sorted(serving - set(wanted))
+        if wanted and not serving & set(wanted):
+            unwanted = unwanted[:-1]
+        for version in unwanted:
             with self._lock:
                 servable = self._loaded[name].pop(version)
                 states[version] = VersionState("END")

@@ -3,8 +3,22 @@
 TensorFlow Serving loads a SavedModel into a TF1-style Session (`LoadSavedModel` with tag `serve`)
 and runs a signature by feeding the SignatureDef's input tensor names and fetching its output
 tensor names. Doing the same here (instead of `tf.saved_model.load` and calling concrete
-functions) means a SavedModel that works against this double also works against the real server,
-and the validation mirrors predict_util.cc: the error codes and message wording are TF Serving's.
+functions) means a SavedModel that works against this double also works against the real server.
+
+Request validation follows TF Serving 2.x step by step, in its order, with its codes and wording:
+  1. predict_util.cc RunPredict: unknown signature key -> FAILED_PRECONDITION.
+  2. predict_util.cc VerifyRequestInputsSize: too many inputs, or too few without signature
+     defaults -> INVALID_ARGUMENT "input size does not match signature: ...".
+  3. tensorflow/cc/saved_model/util.cc GetInputValues: each signature input from the request or
+     from the signature's defaults, parsed with Tensor::FromProto -> INVALID_ARGUMENT.
+  4. predict_util.cc PreProcessPrediction: output_filter aliases, one by one -> INVALID_ARGUMENT.
+  5. Session::Run. The dtype check ("Expects arg[0] to be float but uint8 is provided") and every
+     shape problem come from TensorFlow's own DirectSession and kernels, exactly as in the server:
+     the run below goes through the C API (TF_SessionRun), not Python's Session.run, whose feed
+     checks and silent dtype casts TF Serving does not have. TF Serving does not check input
+     shapes against the SignatureDef; neither does this double.
+The server does not check the SignatureDef's method_name by default
+(--enable_signature_method_name_check=false), so neither does the double.
 """
 
 from __future__ import annotations
@@ -22,7 +36,7 @@ from tests.tfserving_session import TFServingSession
 
 SERVE_TAG = "serve"
 # TensorFlow's own error codes share their numbers with gRPC's status codes.
-_CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class ServingError(Exception):
@@ -34,9 +48,8 @@ class ServingError(Exception):
         self.message = message
 
 
-def _dtype_name(dtype_enum: int) -> str:
-    # "float", "string", "int32": the spelling TensorFlow's C++ errors use (DataTypeString).
-    return tf.dtypes.as_dtype(dtype_enum).name.replace("float32", "float")
+def _invalid(message: str) -> ServingError:
+    return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 def to_tensor_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
@@ -66,6 +79,24 @@ def to_tensor_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
     return proto
 
 
+def parse_tensor_proto(proto: tensor_pb2.TensorProto) -> np.ndarray | None:
+    """TensorProto -> ndarray with C++ `Tensor::FromProto` semantics (None where it fails): the
+    ParseTensor op runs that very function, so short `*_val` lists are padded with their last value,
+    surplus ones ignored, and a wrong-sized tensor_content, a bad shape or DT_INVALID rejected."""
+    if proto.dtype == types_pb2.DT_INVALID:
+        return None
+    try:
+        dtype = tf.dtypes.as_dtype(proto.dtype)
+        value = tf.io.parse_tensor(proto.SerializeToString(), out_type=dtype)
+        return np.asarray(value.numpy())
+    except (tf.errors.OpError, TypeError, ValueError):
+        return None
+
+
+def _keys(mapping: Iterable[str]) -> str:
+    return ",".join(sorted(mapping))  # absl::StrJoin over a std::set: sorted
+
+
 class Servable:
     """A SavedModel version loaded into its own Graph and Session."""
 
@@ -76,6 +107,10 @@ class Servable:
         # The shared loader (tests/tfserving_session.py) is the one the export tests trust too.
         self._session = TFServingSession.load(self.path, (SERVE_TAG,))
         self.signature_defs: Mapping[str, meta_graph_pb2.SignatureDef] = self._session.signature_defs
+        # Its graph and tf.compat.v1.Session, for running through the C API (see `_run`).
+        self._graph: tf.Graph = self._session._graph  # noqa: SLF001
+        self._tf_session: tf.compat.v1.Session = self._session._session  # noqa: SLF001
+        self._tf_session._extend_graph()  # noqa: SLF001 - the C session holds the whole graph now
 
     def close(self) -> None:
         self._session.close()
@@ -96,80 +131,88 @@ class Servable:
         inputs: Mapping[str, tensor_pb2.TensorProto],
         output_filter: Iterable[str] = (),
     ) -> dict[str, tensor_pb2.TensorProto]:
-        """Validate like TF Serving (its codes and wording), run the session, return alias -> TensorProto."""
+        """Validate like TF Serving (its order, codes and wording), run, return alias -> TensorProto."""
         signature = self.signature(signature_name)
-        key = signature_name or tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
-        feeds = self._feeds(signature, inputs)
+        self._verify_inputs_size(signature, inputs)
+        feeds = self._input_values(signature, inputs)
         fetch_aliases = self._fetch_aliases(signature, list(output_filter))
-        try:
-            values = self._session.run(key, feeds, fetch_aliases)
-        except tf.errors.OpError as err:
-            raise ServingError(
-                _CODES_BY_VALUE.get(err.error_code, grpc.StatusCode.INTERNAL), err.message
-            ) from err
-        except (ValueError, TypeError) as err:  # Python-side feed checks the C++ server does in Run()
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
-        return {alias: to_tensor_proto(np.asarray(values[alias])) for alias in fetch_aliases}
+        values = self._run(feeds, [signature.outputs[alias].name for alias in fetch_aliases])
+        return {alias: to_tensor_proto(value) for alias, value in zip(fetch_aliases, values, strict=True)}
 
     @staticmethod
-    def _feeds(
+    def _verify_inputs_size(
+        signature: meta_graph_pb2.SignatureDef, inputs: Mapping[str, tensor_pb2.TensorProto]
+    ) -> None:
+        """predict_util.cc VerifyRequestInputsSize."""
+        sent, expected = set(inputs), set(signature.inputs)
+        if len(sent) > len(expected) or (len(sent) < len(expected) and not signature.defaults):
+            raise _invalid(
+                f"input size does not match signature: {len(sent)}!={len(expected)} "
+                f"len({{{_keys(sent)}}}) != len({{{_keys(expected)}}}). "
+                f"Sent extra: {{{_keys(sent - expected)}}}. "
+                f"Missing but required: {{{_keys(expected - sent)}}}."
+            )
+
+    @staticmethod
+    def _input_values(
         signature: meta_graph_pb2.SignatureDef, inputs: Mapping[str, tensor_pb2.TensorProto]
     ) -> dict[str, np.ndarray]:
-        sent, expected = set(inputs), set(signature.inputs)
-        if len(sent) != len(expected):
-            raise ServingError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"input size does not match signature: {len(sent)}!={len(expected)} "
-                f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
-                f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
-                f"Missing but required: {{{','.join(sorted(expected - sent))}}}.",
-            )
+        """tensorflow/cc/saved_model/util.cc GetInputValues: feed tensor name -> value.
+
+        The server walks the signature's proto map, whose order C++ leaves unspecified; this walks
+        it sorted, which only matters for which error comes first when several inputs are wrong."""
         feeds: dict[str, np.ndarray] = {}
-        # Argument positions follow the sorted aliases, as in the C++ call frame TF Serving builds.
-        for index, alias in enumerate(sorted(sent)):
-            if alias not in signature.inputs:
-                raise ServingError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"input tensor alias not found in signature: {alias}. "
-                    f"Inputs expected to be in the set {{{','.join(sorted(expected))}}}.",
+        seen: set[str] = set()
+        for alias in sorted(signature.inputs):
+            feed_name = signature.inputs[alias].name
+            if alias in inputs:
+                proto = inputs[alias]
+                seen.add(alias)
+            elif alias in signature.defaults:
+                proto = signature.defaults[alias]
+            else:
+                raise _invalid(
+                    f"Signature input alias: {alias}(feed name: {feed_name}) not found in request "
+                    f"and no default value provided. Inputs expected to be in the request "
+                    f"{{{_keys(inputs)}}}, or default input alias set: {_keys(signature.defaults)}"
                 )
-            info, proto = signature.inputs[alias], inputs[alias]
-            if proto.dtype != info.dtype:
-                raise ServingError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"Expects arg[{index}] to be {_dtype_name(info.dtype)} but "
-                    f"{_dtype_name(proto.dtype) if proto.dtype != types_pb2.DT_INVALID else 'invalid'} "
-                    "is provided",
-                )
-            try:
-                value = tf.make_ndarray(proto)
-            except (ValueError, TypeError) as err:
-                raise ServingError(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"tensor parsing error: {alias}"
-                ) from err
-            expected_shape = tf.TensorShape(info.tensor_shape)
-            if not expected_shape.is_compatible_with(value.shape):
-                raise ServingError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"input {alias} has shape {list(value.shape)} but the signature expects "
-                    f"{expected_shape.as_list() if expected_shape.rank is not None else 'any'}",
-                )
-            feeds[alias] = value
+            value = parse_tensor_proto(proto)
+            if value is None:
+                raise _invalid(f"tensor parsing error: {alias}")
+            feeds[feed_name] = value
+        if inputs and len(seen) != len(inputs):
+            raise _invalid(
+                f"Inputs contains invalid name. Used request inputs: {_keys(seen)}, "
+                f"request input: {_keys(inputs)}"
+            )
         return feeds
 
     @staticmethod
     def _fetch_aliases(signature: meta_graph_pb2.SignatureDef, output_filter: list[str]) -> list[str]:
+        """predict_util.cc PreProcessPrediction: output_filter checked alias by alias, in order."""
         if not output_filter:
             return sorted(signature.outputs)
+        seen: set[str] = set()
         for alias in output_filter:
             if alias not in signature.outputs:
-                raise ServingError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"output tensor alias not found in signature: {alias} Outputs expected to be in the "
-                    f"set {{{','.join(sorted(signature.outputs))}}}.",
+                raise _invalid(
+                    f"output tensor alias not found in signature: {alias} Outputs expected to be in "
+                    f"the set {{{_keys(signature.outputs)}}}."
                 )
-        if len(set(output_filter)) != len(output_filter):
+            if alias in seen:
+                raise _invalid(f"duplicate output tensor alias: {alias}")
+            seen.add(alias)
+        return output_filter
+
+    def _run(self, feeds: Mapping[str, np.ndarray], fetch_names: list[str]) -> list[np.ndarray]:
+        """Session::Run through the C API (TF_SessionRun -> DirectSession::Run), as TF Serving
+        calls it: dtype mismatches and kernel errors come back as TensorFlow's status, unchanged."""
+        feed = {self._graph.get_tensor_by_name(n)._as_tf_output(): v for n, v in feeds.items()}  # noqa: SLF001
+        fetch = [self._graph.get_tensor_by_name(n)._as_tf_output() for n in fetch_names]  # noqa: SLF001
+        try:
+            values = self._tf_session._call_tf_sessionrun(None, feed, fetch, [], None)  # noqa: SLF001
+        except tf.errors.OpError as err:
             raise ServingError(
-                grpc.StatusCode.INVALID_ARGUMENT, "duplicate output tensor alias in output_filter"
-            )
-        return list(output_filter)
+                CODES_BY_VALUE.get(err.error_code, grpc.StatusCode.UNKNOWN), err.message
+            ) from err
+        return [np.asarray(value) for value in values]

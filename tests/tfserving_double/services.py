@@ -20,18 +20,36 @@ from tests.tfserving_double.models import ModelRegistry
 from tests.tfserving_double.servable import ServingError
 
 SIGNATURE_DEF_FIELD = "signature_def"  # the only metadata field TF Serving supports
+# grpc_status_util.cc ToGRPCStatus: longer messages are cut here and marked.
+ERROR_MESSAGE_LIMIT = 1024
 
 
-def _requested(model_spec) -> tuple[str, int | None]:
-    if not model_spec.name:
+def _model_spec(request):  # noqa: ANN001, ANN202 - any request message with a model_spec
+    """The three *_impl.cc entry points: INVALID_ARGUMENT only when the field is absent altogether."""
+    if not request.HasField("model_spec"):
         raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
+    return request.model_spec
+
+
+def _servable_request(model_spec) -> tuple[str, int | None]:  # noqa: ANN001 - a ModelSpec message
+    """server_core.cc ServableRequestFromModelSpec (Predict and GetModelMetadata; not GetModelStatus)."""
+    if not model_spec.name:
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "ModelSpec has no name specified.")
     if model_spec.WhichOneof("version_choice") == "version_label":
-        # Labels need a model config file in TF Serving; this double serves a bare base directory.
+        # Labels live in a model config file; this double serves a bare base directory, so its
+        # label map is empty and every label is unknown (GetModelVersionForLabel).
         raise ServingError(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"Unrecognized servable version label: {model_spec.version_label}",
         )
     return model_spec.name, (model_spec.version.value if model_spec.HasField("version") else None)
+
+
+def _truncated(message: str) -> str:
+    raw = message.encode()
+    if len(raw) <= ERROR_MESSAGE_LIMIT:
+        return message
+    return raw[:ERROR_MESSAGE_LIMIT].decode(errors="ignore") + "...TRUNCATED"
 
 
 class Faults:
@@ -71,13 +89,13 @@ class _Base:
         try:
             return work()
         except ServingError as err:
-            context.abort(err.code, err.message)
+            context.abort(err.code, _truncated(err.message))
 
 
 class PredictionServicer(_Base, prediction_service_pb2_grpc.PredictionServiceServicer):
     def Predict(self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext):  # noqa: N802
         def work() -> predict_pb2.PredictResponse:
-            name, version = _requested(request.model_spec)
+            name, version = _servable_request(_model_spec(request))
             servable = self._registry.get(name, version)
             outputs = servable.predict(
                 request.model_spec.signature_name, request.inputs, request.output_filter
@@ -96,7 +114,8 @@ class PredictionServicer(_Base, prediction_service_pb2_grpc.PredictionServiceSer
         self, request: get_model_metadata_pb2.GetModelMetadataRequest, context: grpc.ServicerContext
     ):
         def work() -> get_model_metadata_pb2.GetModelMetadataResponse:
-            name, version = _requested(request.model_spec)
+            # get_model_metadata_impl.cc: the spec's presence, then the fields, then the servable.
+            model_spec = _model_spec(request)
             if not request.metadata_field:
                 raise ServingError(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -104,9 +123,13 @@ class PredictionServicer(_Base, prediction_service_pb2_grpc.PredictionServiceSer
                 )
             for field in request.metadata_field:
                 if field != SIGNATURE_DEF_FIELD:
+                    # Verbatim: the server builds this with errors::InvalidArgument(
+                    # "Metadata field %s is not supported", field), which concatenates (StrCat),
+                    # so the "%s" stays and the field name follows "supported" directly.
                     raise ServingError(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field {field} is not supported"
+                        grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field %s is not supported{field}"
                     )
+            name, version = _servable_request(model_spec)
             servable = self._registry.get(name, version)
             signature_map = get_model_metadata_pb2.SignatureDefMap()
             for key, signature in servable.signature_defs.items():
@@ -127,7 +150,12 @@ class ModelServicer(_Base, model_service_pb2_grpc.ModelServiceServicer):
         self, request: get_model_status_pb2.GetModelStatusRequest, context: grpc.ServicerContext
     ):
         def work() -> get_model_status_pb2.GetModelStatusResponse:
-            name, version = _requested(request.model_spec)
+            # get_model_status_impl.cc asks the ServableStateMonitor directly: no name check (an
+            # empty name is just a model with no versions) and no labels (a version_label is
+            # ignored and every version is listed).
+            model_spec = _model_spec(request)
+            name = model_spec.name
+            version = model_spec.version.value if model_spec.HasField("version") else None
             response = get_model_status_pb2.GetModelStatusResponse()
             for number, state in sorted(self._registry.status(name, version).items(), reverse=True):
                 entry = response.model_version_status.add()
