@@ -21,6 +21,28 @@ class Accelerator:
     jit_compile: bool
     scope: Any  # a context manager: the distribution strategy's scope, or a no-op
 
+    def environment(self) -> dict[str, Any]:
+        """What trained the model (RUN_DIR/environment.json, quoted by the model card): numbers from
+        a GPU run under JAX and a CPU run under TensorFlow are not comparable without it."""
+        import importlib.metadata
+        import platform
+
+        backend = keras.backend.backend()
+        try:
+            backend_version = importlib.metadata.version(backend)
+        except importlib.metadata.PackageNotFoundError:
+            backend_version = None
+        return {
+            "keras_backend": backend,
+            "backend_version": backend_version,
+            "keras_version": keras.__version__,
+            "python": platform.python_version(),
+            "device": f"{self.gpus} GPU(s)" if self.gpus else "CPU",
+            "gpus": self.gpus,
+            "mixed_precision": self.mixed_precision,
+            "jit_compile": self.jit_compile,
+        }
+
     def describe(self) -> str:
         where = f"{self.gpus} GPU(s)" if self.gpus else "CPU"
         return (

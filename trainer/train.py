@@ -210,6 +210,7 @@ def train(
     announce_dataset(dataset, log)
     config.save(run_dir / "config.json")
     write_json_atomic(run_dir / "dataset.json", dataset.describe())
+    write_json_atomic(run_dir / "environment.json", accel.environment())  # of the latest session
 
     start_epoch = int(state["epoch"]) if state else 0
     finished = bool(state and state.get("finished"))

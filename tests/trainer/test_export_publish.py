@@ -79,6 +79,9 @@ def test_model_card_describes_the_model(exported_model):
     assert card["metrics"]["test_accuracy"] == metrics["test_accuracy"]
     assert card["metrics"]["per_class"] == metrics["per_class"]
     assert card["training_config"] == json.loads((exported_model.run_dir / "config.json").read_text())
+    environment = card["training_environment"]  # the session fixture trains under TensorFlow on CPU
+    assert environment["keras_backend"] == "tensorflow" and environment["device"] == "CPU"
+    assert environment["keras_version"] and environment["backend_version"]
     assert card["architecture"]
     assert card["code_revision"] is None or len(card["code_revision"]) >= 40
     assert card["created_at"].endswith("+00:00")

@@ -78,7 +78,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def build_model_card(run_dir: Path, model_name: str, version: int, architecture: str) -> dict[str, Any]:
-    """Collect the card from the run directory's dataset.json, config.json and metrics.json."""
+    """Collect the card from the run directory's dataset.json, config.json, metrics.json and
+    environment.json (absent in runs from before it existed: then null)."""
     dataset = _read_json(run_dir / "dataset.json")
     config = _read_json(run_dir / "config.json")
     metrics = _read_json(run_dir / "metrics.json")
@@ -109,6 +110,7 @@ def build_model_card(run_dir: Path, model_name: str, version: int, architecture:
             "per_class": metrics.get("per_class", {}),
         },
         "training_config": config,
+        "training_environment": _read_json(run_dir / "environment.json") or None,
         "input_contract": INPUT_CONTRACT,
     }
 
