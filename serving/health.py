@@ -20,5 +20,7 @@ def readyz() -> tuple[Response, int]:
         "model": status.model_name,
         "version": status.version,
         "detail": status.detail,
+        # Newer versions that failed to load while this one keeps serving: {"2": "error"}.
+        "failed_versions": {str(v): error for v, error in status.failed_versions.items()},
     }
     return jsonify(body), (200 if status.ready else 503)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -23,6 +23,10 @@ class ModelStatus:
     version: int | None
     class_names: tuple[str, ...] | None
     detail: str  # why not ready, or what is served
+    # Versions newer than the served one that failed to load: {version: error}. The backend keeps
+    # serving the older version (TF Serving's availability-preserving policy does the same), so
+    # readiness stays true; operators see here why the rollout did not happen.
+    failed_versions: dict[int, str] = field(default_factory=dict)
 
 
 class BackendUnavailable(Exception):

@@ -77,6 +77,7 @@ class EmbeddedBackend:
         # Versions that failed to load, with their saved_model.pb's mtime: retried only if the file
         # changes, so a broken version costs one traceback, not one per poll per worker forever.
         self._broken: dict[int, float] = {}
+        self._broken_errors: dict[int, str] = {}  # the same versions' load errors, for status()
         self._stop = threading.Event()
         self.refresh()  # load now so a ready worker answers its first request at full speed
         self._poller = threading.Thread(target=self._poll, name="model-version-poller", daemon=True)
@@ -104,6 +105,7 @@ class EmbeddedBackend:
                 loaded = load_version(self.model_dir, version, self.signature_name)
             except Exception as error:  # a broken version must not take the served one down
                 self._broken[version] = marker
+                self._broken_errors[version] = f"{type(error).__name__}: {error}"[:500]
                 self._last_error = f"version {version} under {self.model_dir} failed to load: {error}"
                 log.exception("loading %s version %s failed; it will not be served", self.model_name, version)
                 continue
@@ -176,9 +178,11 @@ class EmbeddedBackend:
         model = self._current
         if model is None:
             return ModelStatus(False, self.model_name, None, None, self._last_error or "loading")
-        return ModelStatus(
-            True, self.model_name, model.version, model.class_names, f"version {model.version}"
-        )
+        failed = {v: e for v, e in sorted(self._broken_errors.items()) if v > model.version}
+        detail = f"version {model.version}"
+        if failed:
+            detail += f"; newer version(s) {', '.join(map(str, failed))} failed to load, not served"
+        return ModelStatus(True, self.model_name, model.version, model.class_names, detail, failed)
 
     def close(self) -> None:
         self._stop.set()

@@ -36,6 +36,9 @@ CLASSES_KEY = "classes"
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # 64 images are 786 KB as float32; leave room for big batches
 RETRY_BACKOFF_S = (0.05, 0.1, 0.2, 0.4)  # then give up: a down backend answers 503 in well under 1 s
 _AVAILABLE = get_model_status_pb2.ModelVersionStatus.State.AVAILABLE
+_END = get_model_status_pb2.ModelVersionStatus.State.END
+# StatusProto.error_code uses TensorFlow's error codes, numbered as gRPC's.
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 def _tensor_proto(images: np.ndarray) -> tensor_pb2.TensorProto:
@@ -205,7 +208,17 @@ class TFServingBackend:
                 self.predict(np.zeros((1, 32, 32, 3), np.uint8))
             except (BackendUnavailable, BackendTimeout, BackendError) as error:
                 return ModelStatus(False, self.model_name, version, None, f"probe prediction failed: {error}")
-        return ModelStatus(True, self.model_name, version, self._class_names, f"version {version} AVAILABLE")
+        # TF Serving keeps the old version when a newer one fails to load (END with an error).
+        failed = {
+            s.version: f"{_CODE_NAMES.get(s.status.error_code, s.status.error_code)}: "
+            f"{s.status.error_message}"[:500]
+            for s in response.model_version_status
+            if s.version > version and s.state == _END and s.status.error_code != 0
+        }
+        detail = f"version {version} AVAILABLE"
+        if failed:
+            detail += f"; newer version(s) {', '.join(map(str, sorted(failed)))} failed to load, not served"
+        return ModelStatus(True, self.model_name, version, self._class_names, detail, failed)
 
     def close(self) -> None:
         with self._lock:

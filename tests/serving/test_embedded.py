@@ -66,7 +66,10 @@ def test_not_ready_until_a_version_is_published_and_broken_versions_are_skipped(
         broken.mkdir()
         (broken / "saved_model.pb").write_bytes(b"not a protobuf")
         assert backend.refresh() is False
-        assert backend.status().version == 1
+        status = backend.status()
+        assert status.ready and status.version == 1
+        # Ready (version 1 answers), but operators see why version 2 is not live.
+        assert list(status.failed_versions) == [2] and "failed to load" in status.detail
         assert backend.predict(np.zeros((1, 32, 32, 3), np.uint8)).model_version == 1
     finally:
         backend.close()

@@ -152,3 +152,30 @@ def test_batches_over_4_mib_on_the_wire_go_through(tfserving_double) -> None:  #
         assert prediction.model_version == tfserving_double.model_version
     finally:
         backend.close()
+
+
+def test_readiness_names_a_newer_version_that_failed_to_load(tmp_path) -> None:  # noqa: ANN001
+    """TF Serving keeps serving version 1 when version 2 is corrupt; /readyz stays 200 and says so."""
+    from tests.tfserving_double import TFServingDouble
+    from tests.tfserving_double.tiny_model import write_tiny_model
+
+    write_tiny_model(tmp_path, "m", 1, seed=1)
+    with TFServingDouble(tmp_path, poll_interval_s=0.1) as double:
+        app = create_app(Settings(tfserving_address=double.address, model_name="m", model_base_path=tmp_path))
+        try:
+            client = app.test_client()
+            assert client.get("/readyz").get_json()["failed_versions"] == {}
+            staging = tmp_path / "m" / ".2-staging"
+            staging.mkdir()
+            (staging / "saved_model.pb").write_bytes(b"not a SavedModel")
+            staging.rename(tmp_path / "m" / "2")
+            deadline = time.monotonic() + 30
+            while not (body := client.get("/readyz").get_json())["failed_versions"]:
+                assert time.monotonic() < deadline, body
+                time.sleep(0.1)
+            ready = client.get("/readyz")
+            assert ready.status_code == 200 and body["version"] == 1
+            assert body["failed_versions"]["2"].startswith("DATA_LOSS: Can't parse")
+            assert "2 failed to load" in body["detail"]
+        finally:
+            app.extensions["gateway.backend"].close()
