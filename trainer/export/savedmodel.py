@@ -2,8 +2,9 @@
 
 Signatures (tag `serve`, see docs/architecture.md):
   * `serving_default`: `images` float32 [N, 32, 32, 3], RGB 0..255 (normalization is inside the model);
-  * `serving_bytes`: `image_bytes` string [N], encoded JPEG/PNG/GIF/BMP of any size, decoded and
-    resized in the graph exactly as the gateway does it in serving/preprocess.py;
+  * `serving_bytes`: `image_bytes` string [N], encoded JPEG/PNG/GIF/BMP of any size, decoded, turned
+    upright by a JPEG's EXIF Orientation and resized in the graph exactly as the gateway does it
+    (serving/images.py, serving/preprocess.py);
   * outputs of both: `probabilities` float32 [N, C] and `classes` string [N, C].
 """
 
@@ -27,14 +28,44 @@ CLASSES_KEY = "classes"
 def decode_and_resize(encoded: tf.Tensor) -> tf.Tensor:
     """One encoded image (scalar string) -> float32 [32, 32, 3] holding integer pixel values 0..255.
 
-    Mirrors serving/preprocess.py (Pillow BILINEAR): decode to RGB, antialiased bilinear resize,
-    round to integers. JPEGs go through decode_jpeg with INTEGER_ACCURATE because that is libjpeg's default
-    IDCT (JDCT_ISLOW), the one Pillow uses; decode_image would pick the faster, less exact IDCT and
-    disagree with the gateway by a few levels per pixel.
+    Mirrors the gateway (serving/images.py `decode_image`, then serving/preprocess.py): `decode_rgb`
+    (RGB, a JPEG turned upright by its EXIF Orientation), then Pillow's antialiased bilinear resize,
+    rounded to integers.
+    """
+    image = decode_rgb(encoded)
+    # Pillow resizes in two separable passes, horizontal then vertical, and rounds to uint8 after
+    # each; doing the same here (instead of one 2-D pass) makes the pixels identical to the gateway's
+    # for most sizes and at most 1 level off for a fraction of a percent of pixels otherwise (Pillow's
+    # fixed-point filter weights); tests/trainer/test_export_parity.py measures it. A pass whose size
+    # already is 32 is the identity (triangle filter at scale 1, half-pixel centres), as in Pillow.
+    # The image is upright by now, so the passes see the very pixels Pillow's resize sees.
+    height = tf.shape(image)[0]
+    wide = _round_half_up(tf.image.resize(image, [height, INPUT_SIZE], method="bilinear", antialias=True))
+    return _round_half_up(tf.image.resize(wide, [INPUT_SIZE, INPUT_SIZE], method="bilinear", antialias=True))
+
+
+def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
+    """One encoded image (scalar string) -> float32 [H, W, 3] RGB, the pixels of the gateway's
+    `decode_image` (Pillow) before the resize.
+
+    JPEGs go through decode_jpeg with INTEGER_ACCURATE because that is libjpeg's default IDCT
+    (JDCT_ISLOW), the one Pillow uses; decode_image would pick the faster, less exact IDCT and
+    disagree with the gateway by a few levels per pixel. TensorFlow's decoders ignore EXIF, so the
+    JPEG's Orientation tag is read from the bytes (`_jpeg_exif_orientation`) and applied as
+    `ImageOps.exif_transpose` does, before anything else sees the pixels; a missing, malformed or
+    out-of-range tag leaves the image as decoded, never an error. Only a JPEG's EXIF is read: the
+    orientation Pillow also takes from XMP (`tiff:Orientation`, when EXIF has none) or from a PNG's
+    eXIf chunk is not applied here (docs/clients.md).
     """
     image = tf.cond(
         tf.io.is_jpeg(encoded),
-        lambda: tf.cast(tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"), tf.float32),
+        lambda: tf.cast(
+            _apply_orientation(
+                tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+                _jpeg_exif_orientation(encoded),
+            ),
+            tf.float32,
+        ),
         lambda: tf.cond(
             tf.strings.substr(encoded, 0, 3) == b"GIF",
             # expand_animations=False: a GIF gives its first frame as [H, W, 3], like Pillow's open().
@@ -43,14 +74,121 @@ def decode_and_resize(encoded: tf.Tensor) -> tf.Tensor:
         ),
     )
     image.set_shape([None, None, 3])
-    # Pillow resizes in two separable passes, horizontal then vertical, and rounds to uint8 after
-    # each; doing the same here (instead of one 2-D pass) makes the pixels identical to the gateway's
-    # for most sizes and at most 1 level off for a fraction of a percent of pixels otherwise (Pillow's
-    # fixed-point filter weights); tests/trainer/test_export_parity.py measures it. A pass whose size
-    # already is 32 is the identity (triangle filter at scale 1, half-pixel centres), as in Pillow.
-    height = tf.shape(image)[0]
-    wide = _round_half_up(tf.image.resize(image, [height, INPUT_SIZE], method="bilinear", antialias=True))
-    return _round_half_up(tf.image.resize(wide, [INPUT_SIZE, INPUT_SIZE], method="bilinear", antialias=True))
+    return image
+
+
+# Cameras write EXIF as the first segment after SOI (JFIF's APP0 may come before it), and one segment
+# holds at most 64 KiB, so the tag lies in the file's first 64 KiB; only those bytes are looked at.
+_EXIF_SEARCH_BYTES = 64 * 1024
+_EXIF_ORIENTATION_TAG = 0x0112
+# Per TIFF type 0..17: bytes per value for the types Pillow reads (0: a type it skips), and the width
+# of the integer types whose first value Pillow compares with 1..8 (0: BYTE and UNDEFINED give bytes,
+# ASCII a str, the rationals and floats are not read here).
+_TIFF_TYPE_SIZES = (0, 1, 1, 2, 4, 8, 1, 1, 2, 4, 8, 4, 8, 4, 0, 0, 8, 0)
+_TIFF_INTEGER_WIDTHS = (0, 0, 0, 2, 4, 0, 1, 0, 2, 4, 0, 0, 0, 4, 0, 0, 8, 0)
+
+
+def _jpeg_exif_orientation(encoded: tf.Tensor) -> tf.Tensor:
+    """The EXIF Orientation (int32 scalar, 1..8) of a JPEG; 1 when it is absent or unreadable.
+
+    Reads what Pillow's `getexif()` reads for a JPEG: among the segments before the scan, the first
+    APP1 that starts with b"Exif\0\0"; its TIFF header ("II" little- or "MM" big-endian, magic 42,
+    IFD0 offset); and in IFD0 the first entry with tag 0x0112 (normally one SHORT). Every read is
+    checked against the segment's end, so a truncated or garbled block gives 1, not an error: a
+    photo that decodes must not be refused for its metadata.
+    """
+    data = tf.io.decode_raw(tf.strings.substr(encoded, 0, _EXIF_SEARCH_BYTES), tf.uint8)
+    size = tf.size(data, out_type=tf.int64)
+    # int64: offsets are 32-bit unsigned. One zero appended so that any read past the end gives 0.
+    padded = tf.concat([tf.cast(data, tf.int64), tf.zeros([1], tf.int64)], axis=0)
+
+    def byte(i: tf.Tensor) -> tf.Tensor:
+        return tf.gather(padded, tf.clip_by_value(i, 0, size))
+
+    def matches(i: tf.Tensor, pattern: bytes) -> tf.Tensor:
+        return tf.reduce_all(tf.equal(byte(i + tf.range(len(pattern), dtype=tf.int64)), list(pattern)))
+
+    # 1. Walk the marker segments from after SOI (FF D8) to the start of scan: FF, the marker, then a
+    #    big-endian length that counts itself. Walking, rather than searching for b"Exif", cannot be
+    #    fooled by those bytes inside another segment. Finds where the TIFF data starts and ends.
+    def walk(pos: tf.Tensor, tiff: tf.Tensor, end: tf.Tensor):
+        marker = byte(pos + 1)
+        length = byte(pos + 2) * 256 + byte(pos + 3)
+        fill = marker == 0xFF  # FF FF: padding before a marker
+        stop = (byte(pos) != 0xFF) | (marker == 0xDA) | (marker == 0xD9) | (~fill & (length < 2))
+        is_exif = ~stop & (marker == 0xE1) & (length >= 8) & matches(pos + 4, b"Exif\0\0")
+        next_pos = tf.where(stop | is_exif, size, tf.where(fill, pos + 1, pos + 2 + length))  # size: done
+        return next_pos, tf.where(is_exif, pos + 10, tiff), tf.where(is_exif, pos + 2 + length, end)
+
+    none = tf.constant(-1, tf.int64)
+    _, tiff, end = tf.while_loop(
+        lambda pos, tiff, end: pos + 4 <= size,
+        walk,
+        (tf.constant(2, tf.int64), none, none),
+        maximum_iterations=_EXIF_SEARCH_BYTES,  # each step advances at least one byte
+    )
+    # Pillow also drops a second b"Exif\0\0" that some writers repeat.
+    tiff = tf.where((tiff >= 0) & matches(tiff, b"Exif\0\0"), tiff + 6, tiff)
+    end = tf.minimum(end, size)
+
+    # 2. The TIFF header; Pillow also accepts the magic 42 written in the other byte order.
+    little = matches(tiff, b"II")
+    valid = (tiff >= 0) & (tiff + 8 <= end) & (little | matches(tiff, b"MM"))
+    valid &= matches(tiff + 2, b"\x2a\x00") | matches(tiff + 2, b"\x00\x2a")
+
+    def uint(i: tf.Tensor, width: int | tf.Tensor) -> tf.Tensor:
+        """The unsigned `width`-byte (at most 8) integer(s) at offset(s) `i`, in the TIFF's byte order."""
+        k = tf.range(8, dtype=tf.int64)  # byte k of the field...
+        width = tf.expand_dims(tf.cast(width, tf.int64), -1)
+        place = tf.where(little, k, width - 1 - k)  # ...is worth 256**place
+        weights = tf.where(k < width, tf.bitwise.left_shift(tf.ones_like(place), 8 * tf.maximum(place, 0)), 0)
+        return tf.reduce_sum(byte(tf.expand_dims(i, -1) + k) * weights, axis=-1)
+
+    ifd = tiff + uint(tiff + 4, 4)  # offsets count from the TIFF header
+    valid &= ifd + 2 <= end
+
+    # 3. IFD0: an entry count, then 12-byte entries (tag, type, value count, then the values when
+    #    they fit in 4 bytes, else their offset). Pillow keeps the entries that fit before the end.
+    count = tf.where(valid, tf.minimum(uint(ifd, 2), (end - ifd - 2) // 12), 0)
+    entries = ifd + 2 + 12 * tf.range(count)
+    tags, types = uint(entries, 2), tf.minimum(uint(entries + 2, 2), 17)
+    sizes = uint(entries + 4, 4) * tf.gather(tf.constant(_TIFF_TYPE_SIZES, tf.int64), types)
+    out_of_line = sizes > 4
+    values = tf.where(out_of_line, tiff + uint(entries + 8, 4), entries + 8)
+    # Pillow reads the entries in order: it skips unknown types and empty values; once the
+    # out-of-line values add up to more than the data holds it skips the rest of them unread; and
+    # it gives up on the IFD at the first out-of-line value that lies past the end, so a later
+    # Orientation is never seen. (It also skips a tag repeated after being read; not done here.)
+    skipped = out_of_line & (tf.cumsum(tf.where(out_of_line, sizes, 0)) > end - tiff)
+    unreadable = out_of_line & ~skipped & (values + sizes > end)
+    read = (sizes > 0) & ~skipped & ~unreadable & (tf.cumsum(tf.cast(unreadable, tf.int64)) == 0)
+
+    # The first value of the first Orientation entry read; exif_transpose applies it if in 2..8.
+    widths = tf.gather(tf.constant(_TIFF_INTEGER_WIDTHS, tf.int64), types)
+    first_values = tf.where(widths > 0, uint(values, widths), 0)
+    found = tf.boolean_mask(first_values, read & tf.equal(tags, _EXIF_ORIENTATION_TAG))
+    orientation = tf.concat([found, [1]], axis=0)[0]
+    return tf.cast(tf.where((orientation >= 1) & (orientation <= 8), orientation, 1), tf.int32)
+
+
+def _apply_orientation(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+    """[H, W, C] -> the image turned upright, as `ImageOps.exif_transpose` does for orientation 1..8.
+
+    Pillow's Transpose methods in array terms (rows are y): ROTATE_90 turns counter-clockwise like
+    tf.image.rot90(k=1), TRANSPOSE mirrors across the main diagonal (tf.image.transpose), TRANSVERSE
+    across the other one (transpose, then 180 degrees). All are exact pixel moves.
+    """
+    branches = [
+        lambda: image,  # 1: already upright
+        lambda: tf.image.flip_left_right(image),  # 2: FLIP_LEFT_RIGHT
+        lambda: tf.image.rot90(image, k=2),  # 3: ROTATE_180
+        lambda: tf.image.flip_up_down(image),  # 4: FLIP_TOP_BOTTOM
+        lambda: tf.image.transpose(image),  # 5: TRANSPOSE
+        lambda: tf.image.rot90(image, k=3),  # 6: ROTATE_270
+        lambda: tf.image.rot90(tf.image.transpose(image), k=2),  # 7: TRANSVERSE
+        lambda: tf.image.rot90(image, k=1),  # 8: ROTATE_90
+    ]
+    return tf.switch_case(orientation - 1, branches, default=lambda: image)
 
 
 def _composite_on_white(rgba: tf.Tensor) -> tf.Tensor:
