@@ -56,7 +56,7 @@ def decode_image(data: bytes, *, filename: str, max_pixels: int) -> Image.Image:
         raise _too_many_pixels(filename, (width, height), max_pixels)
     try:
         image.load()  # first frame only for animations
-        image = ImageOps.exif_transpose(image) or image
+        image = _upright(image)
         return to_rgb(image)
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise GatewayError(
@@ -65,6 +65,22 @@ def decode_image(data: bytes, *, filename: str, max_pixels: int) -> Image.Image:
             f"{filename!r} could not be decoded completely ({error}); the file looks truncated or corrupt: "
             "upload it again, whole",
         ) from None
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned by its EXIF Orientation; as decoded when the EXIF block cannot be parsed.
+
+    Metadata must not cost a photo whose pixels decode: Pillow raises anything from ValueError to
+    struct.error on a garbled EXIF block (e.g. next to a JFIF density header), and the exported
+    bytes signature reads such a block as orientation 1 (trainer/export/savedmodel.py), so the two
+    paths stay in agreement.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data": handled right here
+            return ImageOps.exif_transpose(image) or image
+    except Exception:  # noqa: BLE001 - any parse failure means "no usable orientation"
+        return image
 
 
 def _too_many_pixels(filename: str, size: tuple[int, int] | None, max_pixels: int) -> GatewayError:

@@ -103,6 +103,26 @@ def test_exif_orientation_is_applied() -> None:
     assert top[0] > 200 and bottom[2] > 200  # the left (red) half is now on top
 
 
+# EXIF blocks Pillow cannot parse: with a JFIF density header (dpi) Pillow reads the EXIF while
+# loading and raised ValueError ("not a TIFF file") or struct.error (a BigTIFF-style header).
+GARBLED_EXIF = {
+    "garbage": b"Exif\x00\x00" + b"\x13\x37" * 20,
+    "bigtiff header": b"Exif\x00\x00II\x2b\x00\x08\x00\x00\x00" + b"\x00" * 16,
+    "truncated ifd": b"Exif\x00\x00II\x2a\x00\x08\x00\x00\x00\x05\x00\x12\x01",
+}
+
+
+@pytest.mark.parametrize("exif", sorted(GARBLED_EXIF))
+@pytest.mark.parametrize("dpi", [None, (72, 72)])
+def test_a_garbled_exif_block_does_not_cost_a_decodable_photo(exif: str, dpi: tuple | None) -> None:
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    params = {"quality": 95, **({"dpi": dpi} if dpi else {})}
+    plain = decode(encode(image, "JPEG", **params))
+    out = decode(encode(image, "JPEG", exif=GARBLED_EXIF[exif], **params))
+    # As decoded, unrotated: what the exported bytes signature does with an unreadable block.
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
+
+
 def test_empty_file() -> None:
     error = error_of(b"")
     assert (error.status, error.code) == (400, "empty_file")
