@@ -6,6 +6,8 @@ import io
 import re
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -358,20 +360,27 @@ def _wait_for(condition, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def test_polls_for_new_versions_and_ignores_non_digit_dirs(tmp_path: Path):
-    write_tiny_model(tmp_path, "m", 1, seed=1)
-    with (
-        TFServingDouble(tmp_path, poll_interval_s=0.1) as double,
-        grpc.insecure_channel(double.address) as ch,
-    ):
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+@contextmanager
+def _polling_double(base: Path) -> Iterator[tuple[object, Callable[[], list]]]:
+    """A double polling `base` (model "m", version 1 published) every 0.1 s: its Predict stub and
+    a function returning GetModelStatus's ModelVersionStatus list, newest first."""
+    write_tiny_model(base, "m", 1, seed=1)
+    with TFServingDouble(base, poll_interval_s=0.1) as double, grpc.insecure_channel(double.address) as ch:
         status_stub = model_service_pb2_grpc.ModelServiceStub(ch)
-        status_request = get_model_status_pb2.GetModelStatusRequest()
-        status_request.model_spec.name = "m"
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = "m"
+
+        def statuses() -> list:
+            return list(status_stub.GetModelStatus(request, timeout=10).model_version_status)
+
+        yield prediction_service_pb2_grpc.PredictionServiceStub(ch), statuses
+
+
+def test_polls_for_new_versions_and_ignores_non_digit_dirs(tmp_path: Path):
+    with _polling_double(tmp_path) as (stub, statuses):
 
         def versions() -> list[tuple[int, int]]:
-            response = status_stub.GetModelStatus(status_request, timeout=10)
-            return [(s.version, s.state) for s in response.model_version_status]
+            return [(status.version, status.state) for status in statuses()]
 
         # A finished SavedModel under a non-version name must never be served (e.g. a staging dir).
         shutil.copytree(tmp_path / "m" / "1", tmp_path / "m" / "7.tmp")
@@ -388,31 +397,22 @@ def test_polls_for_new_versions_and_ignores_non_digit_dirs(tmp_path: Path):
 
 
 def test_a_version_that_fails_to_load_ends_in_error_and_the_old_one_keeps_serving(tmp_path: Path):
-    write_tiny_model(tmp_path, "m", 1, seed=1)
-    with (
-        TFServingDouble(tmp_path, poll_interval_s=0.1) as double,
-        grpc.insecure_channel(double.address) as ch,
-    ):
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
-        status_stub = model_service_pb2_grpc.ModelServiceStub(ch)
-        status_request = get_model_status_pb2.GetModelStatusRequest()
-        status_request.model_spec.name = "m"
+    with _polling_double(tmp_path) as (stub, statuses):
         broken = tmp_path / "m" / ".2-staging"
         broken.mkdir()
         (broken / "saved_model.pb").write_bytes(b"not a SavedModel")
         broken.rename(tmp_path / "m" / "2")
 
-        def statuses() -> list[tuple[int, int, int]]:
-            response = status_stub.GetModelStatus(status_request, timeout=10)
-            return [(s.version, s.state, s.status.error_code) for s in response.model_version_status]
+        def states() -> list[tuple[int, int, int]]:
+            return [(status.version, status.state, status.status.error_code) for status in statuses()]
 
         available, end = (
             get_model_status_pb2.ModelVersionStatus.AVAILABLE,
             get_model_status_pb2.ModelVersionStatus.END,
         )
         data_loss = grpc.StatusCode.DATA_LOSS.value[0]
-        _wait_for(lambda: statuses() == [(2, end, data_loss), (1, available, 0)])
-        failed = status_stub.GetModelStatus(status_request, timeout=10).model_version_status[0]
+        _wait_for(lambda: states() == [(2, end, data_loss), (1, available, 0)])
+        failed = statuses()[0]
         assert (
             failed.status.error_message
             == f"Can't parse {tmp_path / 'm' / '2' / 'saved_model.pb'} as binary proto"
