@@ -117,7 +117,7 @@ class HTTPClient:
             ) from None
 
     def models(self) -> dict[str, Any]:
-        """GET /v1/models: name, version, class_names, input_size, backend."""
+        """GET /v1/models: name, version, class_names, input_size, backend, model_card."""
         return self._request("GET", "/v1/models").json()
 
     def ready(self) -> bool:
@@ -131,14 +131,18 @@ class HTTPClient:
         return True
 
     def status(self) -> ModelStatus:
-        """The model and the version the gateway serves (the gateway shows only the one it uses)."""
+        """The version the gateway serves (AVAILABLE, with its backend and what it was trained on)
+        and any newer version that failed to load (END, with the error), as /readyz lists them."""
         info = self.models()
-        return ModelStatus(
-            model_name=info["name"],
-            versions=[
-                VersionStatus(int(info["version"]), "AVAILABLE", f"backend {info.get('backend', '?')}")
-            ],
-        )
+        detail = f"backend {info.get('backend', '?')}"
+        card = info.get("model_card") or {}
+        if card.get("dataset"):
+            synthetic = " (SYNTHETIC demo data)" if card.get("synthetic") else ""
+            detail += f", trained on {card['dataset']}{synthetic}"
+        failed = self._request("GET", "/readyz").json().get("failed_versions") or {}
+        versions = [VersionStatus(int(v), "END", f"failed to load: {error}") for v, error in failed.items()]
+        versions.append(VersionStatus(int(info["version"]), "AVAILABLE", detail))
+        return ModelStatus(model_name=info["name"], versions=sorted(versions, key=lambda v: -v.version))
 
 
 def _error_from(response: requests.Response) -> ClientError:
