@@ -1,13 +1,16 @@
 """The resize contract between the gateway (Pillow) and the exported bytes signature (TensorFlow).
 
-Both paths turn a decoded RGB image of any size into uint8 pixels [32, 32, 3]:
+Both paths turn a decoded RGB image of any size into the same uint8 pixels [32, 32, 3], bit for bit:
   * here: Pillow `Image.resize((32, 32), Image.BILINEAR)`. On downscaling Pillow widens the
-    triangle filter by the scale factor (antialiasing), and it resizes in two separable passes,
-    horizontal then vertical, rounding halves up to uint8 after each pass;
-  * in the graph (trainer/export/savedmodel.py): the same two passes with
-    `tf.image.resize(..., method="bilinear", antialias=True)`, each followed by floor(x + 0.5).
-The filters are the same, so the pixels agree to within one level on a small share of values; the
-parity tests (tests/trainer/test_export_parity.py) measure by how much.
+    triangle filter by the scale factor (antialiasing); it resizes in two separable passes with
+    integer (fixed-point, 22-bit) filter coefficients, rounding to uint8 after each pass, and
+    Pillow 13 runs the vertical pass first for images whose height shrinks much more than their width;
+  * in the graph (trainer/export/savedmodel.py `resize_like_pillow`): the same coefficients, computed
+    the way Pillow computes them, the same integer sums and rounding, and the same pass order.
+The pixels are identical for every image size; the parity tests (tests/trainer/test_export_parity.py)
+compare them value for value. Changing the filter here breaks that, and so does a Pillow whose
+resize arithmetic or pass order differs: releases before 13 order the passes differently for tall
+images.
 """
 
 from __future__ import annotations
