@@ -7,6 +7,8 @@ Status codes (documented in serving/openapi.yaml):
     (the exported `serving_bytes` signature takes JPEG/PNG/GIF/BMP, so the gateway takes the same);
   * 413 `image_too_many_pixels`: the header declares more pixels than the limit; refused before
     any pixel is decoded, so a decompression bomb costs nothing;
+  * 413 `image_side_too_long`: a side over MAX_SIDE (65535) pixels, which the exported bytes
+    signature refuses too;
   * 400 `truncated_image`: the header is fine but the pixel data is cut short or corrupt.
 """
 
@@ -18,7 +20,7 @@ import warnings
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from serving.errors import GatewayError
-from serving.preprocess import to_rgb
+from serving.preprocess import MAX_SIDE, to_rgb
 
 # The formats the exported bytes signature decodes too (docs/architecture.md).
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
@@ -54,6 +56,13 @@ def decode_image(data: bytes, *, filename: str, max_pixels: int) -> Image.Image:
     width, height = image.size
     if width * height > max_pixels:
         raise _too_many_pixels(filename, (width, height), max_pixels)
+    if max(width, height) > MAX_SIDE:
+        raise GatewayError(
+            413,
+            "image_side_too_long",
+            f"{filename!r} declares {width}x{height} pixels, a side over the limit of {MAX_SIDE}; "
+            "crop or downscale it before uploading (the model sees 32x32 anyway)",
+        )
     try:
         image.load()  # first frame only for animations
         image = _upright(image)

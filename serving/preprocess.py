@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 INPUT_SIZE = 32  # pixels, height = width
+MAX_SIDE = 65535  # pixels per side (JPEG's limit); the graph refuses longer sides too
 RESAMPLE = Image.Resampling.BILINEAR
 
 

@@ -162,3 +162,11 @@ def test_decompression_bomb_is_refused_before_decoding(size: tuple[int, int]) ->
 def test_image_at_the_pixel_limit_is_accepted() -> None:
     out = decode_image(encode(Image.new("RGB", (1000, 1000)), "PNG"), filename="x", max_pixels=LIMIT)
     assert out.size == (1000, 1000)
+
+
+def test_a_side_over_65535_pixels_is_413_and_65535_is_accepted() -> None:
+    from serving.preprocess import MAX_SIDE
+
+    assert decode(encode(Image.new("RGB", (MAX_SIDE, 1)), "BMP")).size == (MAX_SIDE, 1)
+    error = error_of(encode(Image.new("RGB", (1, MAX_SIDE + 1)), "BMP"))
+    assert (error.status, error.code) == (413, "image_side_too_long") and "65535" in error.message

@@ -138,9 +138,8 @@ def test_graph_matches_pillow_on_unusual_encodings(cifar_sample, kind):
 GRID_SIDES = (1, 2, 31, 32, 33, 40, 48, 64, 97, 100, 128, 333, 1000)
 GRID = [(width, height) for width in GRID_SIDES for height in GRID_SIDES]
 # Photo-sized and extreme images: passes over 2**20 pixel values (summed in float32 coefficient
-# pieces), many taps per output, and a side over a million pixels, whose 68,751 taps per output are
-# too many for float32 pieces (the graph sums those in float64).
-LARGE = [(4032, 3024), (3024, 4032), (1000, 3000), (20000, 60), (1_100_000, 1)]
+# pieces), many taps per output, and the longest side accepted (MAX_SIDE).
+LARGE = [(4032, 3024), (3024, 4032), (1000, 3000), (20000, 60), (65535, 3)]
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -429,3 +428,20 @@ def test_graph_orientation_matches_pillow_on_randomly_damaged_exif(plain_photo, 
         np.testing.assert_array_equal(graph, expected, err_msg=bytes(exif).hex())
         turned += not _same_image(graph, as_decoded)
     assert turned > 30  # the orientation path is exercised, not only the fallback
+
+
+def test_a_side_over_the_limit_is_refused_by_both_paths(session):
+    """Both refuse a side over MAX_SIDE (the graph's resize would need a [32, side] weight matrix);
+    both accept MAX_SIDE itself (test_graph_resize_is_pillows_on_large_images)."""
+    import tensorflow as tf
+
+    from serving.errors import GatewayError
+    from serving.images import decode_image
+    from trainer.export.savedmodel import MAX_SIDE
+
+    too_wide = _encode(Image.new("RGB", (MAX_SIDE + 1, 1), (9, 99, 199)), "BMP")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"image side over {MAX_SIDE} pixels"):
+        session.run("serving_bytes", {"image_bytes": np.array([too_wide], dtype=object)})
+    with pytest.raises(GatewayError) as refused:
+        decode_image(too_wide, filename="wide.bmp", max_pixels=10**8)
+    assert (refused.value.status, refused.value.code) == (413, "image_side_too_long")

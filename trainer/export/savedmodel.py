@@ -17,6 +17,7 @@ import keras
 import tensorflow as tf
 
 INPUT_SIZE = 32  # must equal serving.preprocess.INPUT_SIZE
+MAX_SIDE = 65535  # pixels per image side, JPEG's own limit; must equal serving.preprocess.MAX_SIDE
 SERVING_DEFAULT = "serving_default"
 SERVING_BYTES = "serving_bytes"
 IMAGES_KEY = "images"
@@ -32,8 +33,19 @@ def decode_and_resize(encoded: tf.Tensor) -> tf.Tensor:
     `decode_rgb` (RGB, a JPEG turned upright by its EXIF Orientation), then `resize_like_pillow`, the
     very uint8 pixels of Pillow's `resize((32, 32), BILINEAR)` for an image of any size.
     """
+    image = decode_rgb(encoded)
+    # The resize builds a dense [32, side] weight matrix per pass, so a hostile 10-million-pixel-wide
+    # BMP would cost gigabytes; no photo has a side over JPEG's own limit, and the gateway refuses the
+    # same images (serving/images.py). Routed through the check so it runs before the resize.
+    check = tf.debugging.assert_less_equal(
+        tf.reduce_max(tf.shape(image)[:2]),
+        MAX_SIDE,
+        message=f"image side over {MAX_SIDE} pixels; downscale it before sending (the model sees 32x32)",
+    )
+    with tf.control_dependencies([check]):
+        image = tf.identity(image)
     # The image is upright by now, so the resize sees the very pixels Pillow's resize sees.
-    return resize_like_pillow(decode_rgb(encoded))
+    return resize_like_pillow(image)
 
 
 # Pillow's resize arithmetic for 8-bit images (src/libImaging/Resample.c): the filter weights become
