@@ -41,9 +41,10 @@ INPUT_CONTRACT: dict[str, Any] = {
                     "meaning": "encoded JPEG, PNG, GIF or BMP of any size",
                 }
             },
-            "preprocessing": "decode to RGB (first GIF frame; JPEG with libjpeg's accurate integer IDCT), "
-            "antialiased bilinear resize to 32x32, round to integer pixel values "
-            "(same as serving/preprocess.py with Pillow BILINEAR)",
+            "preprocessing": "decode to RGB (first GIF frame; JPEG with libjpeg's accurate integer IDCT "
+            "and turned upright by its EXIF Orientation; transparency composited on white), then "
+            "Pillow 13's BILINEAR resize to 32x32 reproduced bit for bit (serving/preprocess.py); "
+            "a side over 65535 pixels is refused",
         },
     },
     "outputs": {

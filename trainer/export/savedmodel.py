@@ -353,8 +353,8 @@ def _composite_on_white(rgba: tf.Tensor) -> tf.Tensor:
 
 
 def _round_half_up(pixels: tf.Tensor) -> tf.Tensor:
-    # floor(x + 0.5), not tf.round: Pillow rounds halves up, tf.round rounds them to even, and exact
-    # halves are common (e.g. 2x downscales).
+    # floor(x + 0.5), not tf.round: Pillow rounds halves up, tf.round rounds them to even (used for
+    # the alpha compositing above, where exact halves occur).
     return tf.clip_by_value(tf.floor(pixels + 0.5), 0.0, 255.0)
 
 
