@@ -12,10 +12,10 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from client.results import ClientError
-from serving.preprocess import to_model_input, to_rgb
+from serving.preprocess import to_model_input, to_rgb, upright
 
 ImageInput = str | Path | tuple[str, bytes]  # a file path, or (filename, encoded bytes)
 
@@ -42,7 +42,7 @@ def to_pixels(filename: str, data: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            rgb = to_rgb(ImageOps.exif_transpose(image) or image)
+            rgb = to_rgb(upright(image))
             return to_model_input(rgb)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ClientError(

@@ -17,10 +17,10 @@ from __future__ import annotations
 import io
 import warnings
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from serving.errors import GatewayError
-from serving.preprocess import MAX_SIDE, to_rgb
+from serving.preprocess import MAX_SIDE, to_rgb, upright
 
 # The formats the exported bytes signature decodes too (docs/architecture.md).
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
@@ -65,7 +65,7 @@ def decode_image(data: bytes, *, filename: str, max_pixels: int) -> Image.Image:
         )
     try:
         image.load()  # first frame only for animations
-        image = _upright(image)
+        image = upright(image)
         return to_rgb(image)
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise GatewayError(
@@ -74,22 +74,6 @@ def decode_image(data: bytes, *, filename: str, max_pixels: int) -> Image.Image:
             f"{filename!r} could not be decoded completely ({error}); the file looks truncated or corrupt: "
             "upload it again, whole",
         ) from None
-
-
-def _upright(image: Image.Image) -> Image.Image:
-    """The image turned by its EXIF Orientation; as decoded when the EXIF block cannot be parsed.
-
-    Metadata must not cost a photo whose pixels decode: Pillow raises anything from ValueError to
-    struct.error on a garbled EXIF block (e.g. next to a JFIF density header), and the exported
-    bytes signature reads such a block as orientation 1 (trainer/export/savedmodel.py), so the two
-    paths stay in agreement.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data": handled right here
-            return ImageOps.exif_transpose(image) or image
-    except Exception:  # noqa: BLE001 - any parse failure means "no usable orientation"
-        return image
 
 
 def _too_many_pixels(filename: str, size: tuple[int, int] | None, max_pixels: int) -> GatewayError:

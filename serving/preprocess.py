@@ -15,12 +15,30 @@ images.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 INPUT_SIZE = 32  # pixels, height = width
 MAX_SIDE = 65535  # pixels per side (JPEG's limit); the graph refuses longer sides too
 RESAMPLE = Image.Resampling.BILINEAR
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned by its EXIF Orientation; as decoded when the EXIF block cannot be parsed.
+
+    Metadata must not cost a photo whose pixels decode: Pillow raises anything from ValueError to
+    struct.error on a garbled EXIF block (e.g. next to a JFIF density header), and the exported
+    bytes signature reads such a block as orientation 1 (trainer/export/savedmodel.py), so the
+    gateway, the clients' pixel path and the graph stay in agreement.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data": handled right here
+            return ImageOps.exif_transpose(image) or image
+    except Exception:  # noqa: BLE001 - any parse failure means "no usable orientation"
+        return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
