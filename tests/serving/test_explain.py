@@ -83,19 +83,18 @@ def _overlay_pixels(entry: dict) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_explain_ranks_like_predict_and_draws_the_signatures_heatmap(gateway_client, exported_model, shapes):
-    from tests.tfserving_session import TFServingSession
-
+def test_explain_ranks_like_predict_and_draws_the_signatures_heatmap(
+    gateway_client, exported_model, exported_session, shapes
+):
     pixels, encoded = shapes
     predicted = _post(gateway_client, "/v1/predict", encoded, "?top_k=3").get_json()
     response = _post(gateway_client, "/v1/explain", encoded, "?top_k=3")
     assert response.status_code == 200, response.get_json()
     body = response.get_json()
     assert body["model"] == {"name": exported_model.name, "version": exported_model.version}
-    with TFServingSession.load(exported_model.path) as session:
-        reference = session.run(
-            "explain", {"images": pixels.astype(np.float32), "class_index": np.full(4, -1, np.int32)}
-        )
+    reference = exported_session.run(
+        "explain", {"images": pixels.astype(np.float32), "class_index": np.full(4, -1, np.int32)}
+    )
     for i, (entry, expected) in enumerate(zip(body["explanations"], predicted["predictions"], strict=True)):
         assert entry["filename"] == f"shape-{i}.png"
         assert [t["label"] for t in entry["top_k"]] == [t["label"] for t in expected["top_k"]]
@@ -111,19 +110,18 @@ def test_explain_ranks_like_predict_and_draws_the_signatures_heatmap(gateway_cli
 
 
 @pytest.mark.slow
-def test_a_chosen_class_is_explained_by_name_or_index(gateway_client, exported_model, shapes):
-    from tests.tfserving_session import TFServingSession
-
+def test_a_chosen_class_is_explained_by_name_or_index(
+    gateway_client, exported_model, exported_session, shapes
+):
     pixels, encoded = shapes
     index = 2
     name = exported_model.class_names[index]
     by_name = _post(gateway_client, "/v1/explain", encoded, f"?top_k=1&class={name}")
     by_index = _post(gateway_client, "/v1/explain", encoded, f"?top_k=1&class={index}")
     assert by_name.status_code == 200, by_name.get_json()
-    with TFServingSession.load(exported_model.path) as session:
-        reference = session.run(
-            "explain", {"images": pixels.astype(np.float32), "class_index": np.full(4, index, np.int32)}
-        )
+    reference = exported_session.run(
+        "explain", {"images": pixels.astype(np.float32), "class_index": np.full(4, index, np.int32)}
+    )
     for i, (a, b) in enumerate(
         zip(by_name.get_json()["explanations"], by_index.get_json()["explanations"], strict=True)
     ):

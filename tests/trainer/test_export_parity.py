@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from serving.preprocess import to_model_input
-from tests.tfserving_session import TFServingSession
 
 pytestmark = pytest.mark.slow
 
@@ -43,9 +42,8 @@ def encoded_photos(cifar_sample) -> dict[str, list[bytes]]:
 
 
 @pytest.fixture(scope="module")
-def session(exported_model):
-    with TFServingSession.load(exported_model.path) as loaded:
-        yield loaded
+def session(exported_session):
+    return exported_session
 
 
 def _gateway_pixels(encoded: list[bytes]) -> np.ndarray:

@@ -90,24 +90,23 @@ def test_model_card_describes_the_model(exported_model):
     assert sigs["serving_bytes"]["inputs"]["image_bytes"]["dtype"] == "string"
 
 
-def test_warmup_records_parse_and_run_through_the_serving_loader(exported_model):
+def test_warmup_records_parse_and_run_through_the_serving_loader(exported_model, exported_session):
     import tensorflow as tf
 
     records = read_warmup_file(exported_model.path / "assets.extra" / WARMUP_FILENAME)
     signatures = {r.predict_log.request.model_spec.signature_name for r in records}
     # The trained CNN has a conv block, so its Grad-CAM signatures are warmed too.
     assert signatures == {"serving_default", "serving_bytes", "explain", "explain_bytes"}
-    with TFServingSession.load(exported_model.path) as session:
-        for record in records:
-            request = record.predict_log.request
-            assert request.model_spec.name == exported_model.name
-            inputs = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
-            out = session.run(request.model_spec.signature_name, inputs)
-            batch = len(next(iter(inputs.values())))
-            assert out["probabilities"].shape == (batch, len(exported_model.class_names))
-            if "heatmap" in out:
-                assert out["heatmap"].shape == (batch, 32, 32)
-            np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, atol=1e-5)
+    for record in records:
+        request = record.predict_log.request
+        assert request.model_spec.name == exported_model.name
+        inputs = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
+        out = exported_session.run(request.model_spec.signature_name, inputs)
+        batch = len(next(iter(inputs.values())))
+        assert out["probabilities"].shape == (batch, len(exported_model.class_names))
+        if "heatmap" in out:
+            assert out["heatmap"].shape == (batch, 32, 32)
+        np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, atol=1e-5)
 
 
 def test_next_export_gets_the_next_version_and_cli_prints_its_path(exported_model, tmp_path, capsys):
