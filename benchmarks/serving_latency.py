@@ -174,22 +174,23 @@ def main(argv: list[str] | None = None) -> int:
             "scenarios": [],
         }  # fmt: skip
 
-        def record(app: str, scenario: str, clients: int, images: int, measured: dict) -> None:
-            row = {
-                "app": app,
-                "scenario": scenario,
-                "clients": clients,
-                "images_per_request": images,
-                **measured,
-            }
-            row["images_per_s"] = measured["rps"] * images
-            results["scenarios"].append(row)
-            p50, p99 = measured["p50_ms"] or float("nan"), measured["p99_ms"] or float("nan")
-            print(
-                f"{app:8} {scenario:10} c={clients:<3} rps={measured['rps']:8.1f} "
-                f"p50={p50:8.2f} ms p99={p99:8.2f} ms errors={measured['errors']}",
-                flush=True,
-            )
+        def measure(app: str, port: int, path: str, field: str, images: list[bytes], clients: tuple) -> None:
+            """Closed-loop load at each client count; one result row per count."""
+            body = multipart(field, images)
+            scenario = "1 image" if len(images) == 1 else f"{len(images)} images"
+            for count in clients:
+                measured = closed_loop(port, path, body, count, args.duration)
+                results["scenarios"].append({
+                    "app": app, "scenario": scenario, "clients": count,
+                    "images_per_request": len(images), **measured,
+                    "images_per_s": measured["rps"] * len(images),
+                })  # fmt: skip
+                p50, p99 = measured["p50_ms"] or float("nan"), measured["p99_ms"] or float("nan")
+                print(
+                    f"{app:8} {scenario:10} c={count:<3} rps={measured['rps']:8.1f} "
+                    f"p50={p50:8.2f} ms p99={p99:8.2f} ms errors={measured['errors']}",
+                    flush=True,
+                )
 
         naive_env = {"NAIVE_RUN_DIR": str(run_dir), "TF_CPP_MIN_LOG_LEVEL": "3"}
         # The naive app has no health route: a GET on its POST-only /predict answers 405 once up.
@@ -201,16 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             probe_statuses=(405,),
             startup_timeout=180,
         ) as naive:
-            port = naive.port
-            body = multipart("file", single)
-            for clients in (1, 16):
-                record(
-                    "naive",
-                    "1 image",
-                    clients,
-                    1,
-                    closed_loop(port, "/predict", body, clients, args.duration),
-                )
+            measure("naive", naive.port, "/predict", "file", single, (1, 16))
 
         gateway_env = {
             "GATEWAY_MODEL_BASE_PATH": str(work / "models"),
@@ -219,25 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             "TF_CPP_MIN_LOG_LEVEL": "3",
         }
         with running_gateway(gateway_env, workers=args.workers, startup_timeout=180) as gateway:
-            port = gateway.port
-            body = multipart("images", single)
-            for clients in (1, 16):
-                record(
-                    "gateway",
-                    "1 image",
-                    clients,
-                    1,
-                    closed_loop(port, "/v1/predict", body, clients, args.duration),
-                )
-            body = multipart("images", batch64)
-            for clients in (1, 4):
-                record(
-                    "gateway",
-                    "64 images",
-                    clients,
-                    64,
-                    closed_loop(port, "/v1/predict", body, clients, args.duration),
-                )
+            measure("gateway", gateway.port, "/v1/predict", "images", single, (1, 16))
+            measure("gateway", gateway.port, "/v1/predict", "images", batch64, (1, 4))
 
         bare, bare64_ms = bare_model_call(model_path, 64, args.duration)
         _, bare1_ms = bare_model_call(model_path, 1, min(args.duration, 3.0))
