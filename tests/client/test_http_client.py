@@ -56,34 +56,25 @@ def test_models_ready_and_status(gateway, exported_model):
 
 @pytest.mark.slow
 def test_status_lists_a_newer_version_that_failed_to_load(exported_model, tmp_path):
-    import shutil
-    import threading
+    from tests.fixtures.exported import copy_model_base
+    from tests.fixtures.gateway import embedded_gateway, serve_in_thread
 
-    from werkzeug.serving import make_server
-
-    from serving.app import create_app
-    from serving.config import Settings
-
-    base = tmp_path / "base"
-    shutil.copytree(exported_model.base_path, base)
+    base = copy_model_base(exported_model, tmp_path / "base")
     broken = base / exported_model.name / str(exported_model.version + 1)
     broken.mkdir()
     (broken / "saved_model.pb").write_bytes(b"not a SavedModel")
-    app = create_app(Settings(model_base_path=base, model_name=exported_model.name, poll_interval_s=60))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with HTTPClient(f"http://127.0.0.1:{server.server_port}", timeout=30) as client:
-            status = client.status()
-        assert status.ready
-        assert [(v.version, v.state) for v in status.versions] == [
-            (exported_model.version + 1, "END"),
-            (exported_model.version, "AVAILABLE"),
-        ]
-        assert status.versions[0].detail.startswith("failed to load: ")
-    finally:
-        server.shutdown()
-        app.extensions["gateway.backend"].close()
+    with (
+        embedded_gateway(base, exported_model.name) as app,
+        serve_in_thread(app) as url,
+        HTTPClient(url, timeout=30) as client,
+    ):
+        status = client.status()
+    assert status.ready
+    assert [(v.version, v.state) for v in status.versions] == [
+        (exported_model.version + 1, "END"),
+        (exported_model.version, "AVAILABLE"),
+    ]
+    assert status.versions[0].detail.startswith("failed to load: ")
 
 
 @pytest.mark.slow

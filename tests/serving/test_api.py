@@ -333,18 +333,13 @@ def test_models_says_what_the_version_was_trained_on(gateway_client, exported_mo
 
 def test_models_card_is_null_when_the_card_is_not_this_versions(exported_model, tmp_path) -> None:  # noqa: ANN001
     """A base holding another model's card under the same path (a stale copy) must not be quoted."""
-    import json
-    import shutil
+    from tests.fixtures.exported import copy_model_base
+    from tests.fixtures.gateway import embedded_gateway
 
-    base = tmp_path / "base"
-    shutil.copytree(exported_model.base_path, base)
-    card_path = base / exported_model.name / str(exported_model.version) / "assets.extra" / "model_card.json"
-    card = json.loads(card_path.read_text())
-    card["version"] = exported_model.version + 41
-    card_path.write_text(json.dumps(card))
-    app = create_app(Settings(model_base_path=base, model_name=exported_model.name, poll_interval_s=60))
-    try:
+    def other_version(card: dict) -> None:
+        card["version"] = exported_model.version + 41
+
+    base = copy_model_base(exported_model, tmp_path / "base", other_version)
+    with embedded_gateway(base, exported_model.name) as app:
         body = app.test_client().get("/v1/models").get_json()
-        assert body["version"] == exported_model.version and body["model_card"] is None
-    finally:
-        app.extensions["gateway.backend"].close()
+    assert body["version"] == exported_model.version and body["model_card"] is None

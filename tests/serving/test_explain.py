@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlencode
@@ -267,13 +266,10 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 @pytest.fixture(scope="module")
 def page_url(gateway_app) -> Iterator[str]:  # noqa: ANN001
-    from werkzeug.serving import make_server
+    from tests.fixtures.gateway import serve_in_thread
 
-    server = make_server("127.0.0.1", 0, gateway_app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
+    with serve_in_thread(gateway_app) as url:
+        yield url
 
 
 @pytest.mark.slow

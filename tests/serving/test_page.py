@@ -84,31 +84,20 @@ def test_a_synthetic_demo_model_is_flagged(page) -> None:  # noqa: ANN001
 
 
 def test_a_model_trained_on_photos_carries_no_warning(page, exported_model, tmp_path: Path) -> None:  # noqa: ANN001
-    import json
-    import shutil
-    import threading
-
     from playwright.sync_api import expect
-    from werkzeug.serving import make_server
 
-    from serving.app import create_app
-    from serving.config import Settings
+    from tests.fixtures.exported import copy_model_base
+    from tests.fixtures.gateway import embedded_gateway, serve_in_thread
 
-    base = tmp_path / "base"
-    shutil.copytree(exported_model.base_path, base)
-    card_path = base / exported_model.name / str(exported_model.version) / "assets.extra" / "model_card.json"
-    card = json.loads(card_path.read_text())
-    card["dataset"].update(name="cifar10", synthetic=False)
-    card_path.write_text(json.dumps(card))
-    app = create_app(Settings(model_base_path=base, model_name=exported_model.name, poll_interval_s=60))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    other = page.context.browser.new_page()  # one Playwright per process: reuse its browser
-    try:
-        other.goto(f"http://127.0.0.1:{server.server_port}")
-        expect(other.locator("#model-info")).to_contain_text(f"version {exported_model.version}")
-        expect(other.locator("#model-warning")).to_be_hidden()
-    finally:
-        other.close()
-        server.shutdown()
-        app.extensions["gateway.backend"].close()
+    def trained_on_photos(card: dict) -> None:
+        card["dataset"].update(name="cifar10", synthetic=False)
+
+    base = copy_model_base(exported_model, tmp_path / "base", trained_on_photos)
+    with embedded_gateway(base, exported_model.name) as app, serve_in_thread(app) as url:
+        other = page.context.browser.new_page()  # one Playwright per process: reuse its browser
+        try:
+            other.goto(url)
+            expect(other.locator("#model-info")).to_contain_text(f"version {exported_model.version}")
+            expect(other.locator("#model-warning")).to_be_hidden()
+        finally:
+            other.close()
