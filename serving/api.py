@@ -82,10 +82,16 @@ def _check_count(count: int) -> None:
         )
 
 
-def _top_k(content_type: str) -> int:
-    raw = request.args.get("top_k")
+def _param(name: str, content_type: str) -> str | None:
+    """An optional request parameter: from the query string, else from a multipart form field."""
+    raw = request.args.get(name)
     if raw is None and content_type == "multipart/form-data":
-        raw = request.form.get("top_k")
+        raw = request.form.get(name)
+    return raw
+
+
+def _top_k(content_type: str) -> int:
+    raw = _param("top_k", content_type)
     if raw is None or raw == "":
         return DEFAULT_TOP_K
     try:

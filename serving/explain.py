@@ -25,9 +25,7 @@ CLASS_PARAM = "class"  # optional: explain this class (a name or an index) inste
 
 
 def _requested_class(content_type: str) -> str | None:
-    raw = request.args.get(CLASS_PARAM)
-    if raw is None and content_type == "multipart/form-data":
-        raw = request.form.get(CLASS_PARAM)
+    raw = api._param(CLASS_PARAM, content_type)
     return raw.strip() if raw is not None and raw.strip() else None
 
 

@@ -29,6 +29,14 @@ class ModelStatus:
     failed_versions: dict[int, str] = field(default_factory=dict)
 
 
+def served_detail(served: str, failed_versions: dict[int, str]) -> str:
+    """ModelStatus.detail for a ready backend: what is served, and which newer versions are not."""
+    if not failed_versions:
+        return served
+    newer = ", ".join(map(str, sorted(failed_versions)))
+    return f"{served}; newer version(s) {newer} failed to load, not served"
+
+
 class BackendUnavailable(Exception):
     """The model cannot answer now (backend down, no version loaded): clients should retry later."""
 

@@ -14,7 +14,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from serving.backends.base import BackendError, BackendTimeout, BackendUnavailable, ModelStatus, Prediction
+from serving.backends.base import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    ModelStatus,
+    Prediction,
+    served_detail,
+)
 from serving.backends.explain import Explanation, explain_saved_model
 from serving.backends.versions import published_versions
 
@@ -179,9 +186,7 @@ class EmbeddedBackend:
         if model is None:
             return ModelStatus(False, self.model_name, None, None, self._last_error or "loading")
         failed = {v: e for v, e in sorted(self._broken_errors.items()) if v > model.version}
-        detail = f"version {model.version}"
-        if failed:
-            detail += f"; newer version(s) {', '.join(map(str, failed))} failed to load, not served"
+        detail = served_detail(f"version {model.version}", failed)
         return ModelStatus(True, self.model_name, model.version, model.class_names, detail, failed)
 
     def close(self) -> None:

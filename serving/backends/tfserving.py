@@ -21,7 +21,14 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from serving.backends.base import BackendError, BackendTimeout, BackendUnavailable, ModelStatus, Prediction
+from serving.backends.base import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    ModelStatus,
+    Prediction,
+    served_detail,
+)
 from serving.backends.explain import (
     Explanation,
     explain_request,
@@ -215,9 +222,7 @@ class TFServingBackend:
             for s in response.model_version_status
             if s.version > version and s.state == _END and s.status.error_code != 0
         }
-        detail = f"version {version} AVAILABLE"
-        if failed:
-            detail += f"; newer version(s) {', '.join(map(str, sorted(failed)))} failed to load, not served"
+        detail = served_detail(f"version {version} AVAILABLE", failed)
         return ModelStatus(True, self.model_name, version, self._class_names, detail, failed)
 
     def close(self) -> None:
