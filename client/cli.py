@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _client(args: argparse.Namespace):  # noqa: ANN202 - HTTPClient or GRPCClient
+def _client(args: argparse.Namespace):
     if args.grpc:
         from client.grpc import GRPCClient  # imported on demand: it loads TensorFlow's protos
 

@@ -7,20 +7,19 @@ Two ways to predict, one per exported signature (docs/architecture.md):
 Input and output keys are read from GetModelMetadata's SignatureDefs, not assumed: the one input
 of the signature, the float output as probabilities and the string output as class labels.
 
-Retries on UNAVAILABLE are gRPC's own (a service-config retryPolicy), so they happen inside the
-call's deadline and back off with jitter, without any hand-written loop.
+Retries on UNAVAILABLE are gRPC's own (a service-config retryPolicy, contract/channel.py), so they
+happen inside the call's deadline and back off with jitter, without any hand-written loop.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -32,12 +31,11 @@ from tensorflow_serving.apis import (
 
 from client.images import ImageInput, read_image, to_pixels
 from client.results import ClientError, ModelStatus, PredictResult, VersionStatus, rank
-
-PIXELS_SIGNATURE = "serving_default"
-BYTES_SIGNATURE = "serving_bytes"
-DEFAULT_TOP_K = 5
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # gRPC's 4 MiB default is ~1300 CIFAR images as float32
-_SERVICES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
+from contract.channel import MAX_MESSAGE_BYTES, channel_options, open_channel, retry_service_config
+from contract.signatures import DEFAULT_TOP_K
+from contract.signatures import SERVING_BYTES as BYTES_SIGNATURE
+from contract.signatures import SERVING_DEFAULT as PIXELS_SIGNATURE
+from contract.tensors import to_ndarray, to_tensor_proto
 
 # What to tell the user for each failure; the server's own detail is appended.
 _HINTS = {
@@ -46,20 +44,6 @@ _HINTS = {
     grpc.StatusCode.FAILED_PRECONDITION: "the model lacks that signature; re-export it or use the other mode",
     grpc.StatusCode.INVALID_ARGUMENT: "the request does not fit the model's signature",
 }
-
-
-def retry_service_config(max_attempts: int, initial_backoff_s: float, max_backoff_s: float) -> str:
-    """gRPC service config retrying UNAVAILABLE on both TF Serving services (gRPC caps attempts at 5)."""
-    policy = {
-        "maxAttempts": max_attempts,
-        "initialBackoff": f"{initial_backoff_s}s",
-        "maxBackoff": f"{max_backoff_s}s",
-        "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"],
-    }
-    return json.dumps(
-        {"methodConfig": [{"name": [{"service": s} for s in _SERVICES], "retryPolicy": policy}]}
-    )
 
 
 @dataclass(frozen=True)
@@ -88,25 +72,6 @@ def _signature_keys(name: str, signature: meta_graph_pb2.SignatureDef) -> _Signa
     return _SignatureKeys(input_key, input_info.dtype, floats[0], strings[0])
 
 
-def _tensor(array: np.ndarray, dtype: int) -> tensor_pb2.TensorProto:
-    shape = tensor_shape_pb2.TensorShapeProto(
-        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in array.shape]
-    )
-    proto = tensor_pb2.TensorProto(dtype=dtype, tensor_shape=shape)
-    if dtype == types_pb2.DT_STRING:
-        proto.string_val.extend(array.tolist())
-    else:
-        proto.tensor_content = np.ascontiguousarray(array, dtype="<f4").tobytes()
-    return proto
-
-
-def _floats(proto: tensor_pb2.TensorProto) -> np.ndarray:
-    shape = tuple(d.size for d in proto.tensor_shape.dim)
-    if proto.tensor_content:  # servers started with --use_tensor_content answer this way
-        return np.frombuffer(proto.tensor_content, dtype="<f4").reshape(shape)
-    return np.asarray(proto.float_val, dtype=np.float32).reshape(shape)
-
-
 class GRPCClient:
     def __init__(
         self,
@@ -126,20 +91,11 @@ class GRPCClient:
         self.model_name = model_name
         self.version = version
         self.timeout = timeout
-        options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.enable_retries", 1),
-            ("grpc.service_config", retry_service_config(max_attempts, initial_backoff_s, max_backoff_s)),
-            # After an outage gRPC would wait up to 2 minutes between reconnects; come back in ~1 s.
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-        ]
-        if tls or ca_file is not None:
-            root = Path(ca_file).read_bytes() if ca_file is not None else None  # None: system roots
-            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root), options=options)
-        else:
-            self._channel = grpc.insecure_channel(address, options=options)
+        options = channel_options(
+            max_message_bytes=max_message_bytes,
+            service_config=retry_service_config(max_attempts, initial_backoff_s, max_backoff_s),
+        )
+        self._channel = open_channel(address, options, tls=tls, ca_file=ca_file)
         self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
         self._keys: dict[str, _SignatureKeys] = {}
@@ -153,7 +109,7 @@ class GRPCClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method, request, timeout: float | None):  # noqa: ANN001, ANN202 - any unary stub method
+    def _call(self, method, request, timeout: float | None):
         seconds = self.timeout if timeout is None else timeout
         try:
             return method(request, timeout=seconds)
@@ -168,7 +124,7 @@ class GRPCClient:
                 + (f" ({hint})" if hint else ""),
             ) from None
 
-    def _spec(self, model_spec, signature_name: str = "") -> None:  # noqa: ANN001 - a ModelSpec message
+    def _spec(self, model_spec, signature_name: str = "") -> None:
         model_spec.name = self.model_name
         if self.version is not None:
             model_spec.version.value = self.version
@@ -237,11 +193,14 @@ class GRPCClient:
             )
         request = predict_pb2.PredictRequest()
         self._spec(request.model_spec, signature_name)
-        request.inputs[keys.input_key].CopyFrom(_tensor(tensor, expected))
+        request.inputs[keys.input_key].CopyFrom(to_tensor_proto(tensor))
         response = self._call(self._predict.Predict, request, timeout)
         try:
-            probabilities = _floats(response.outputs[keys.probabilities_key])
+            probabilities_proto = response.outputs[keys.probabilities_key]
             classes_proto = response.outputs[keys.classes_key]
+            if probabilities_proto.dtype != types_pb2.DT_FLOAT:
+                raise ValueError(f"{keys.probabilities_key!r} is not float32")
+            probabilities = to_ndarray(probabilities_proto)
         except (KeyError, ValueError) as error:
             raise ClientError(
                 "bad_response", f"Predict answered without the signature's outputs: {error}"

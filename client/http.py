@@ -17,8 +17,7 @@ from urllib3.util.retry import Retry
 
 from client.images import ImageInput, read_image
 from client.results import ClientError, ImagePrediction, ModelStatus, PredictResult, VersionStatus
-
-DEFAULT_TOP_K = 5
+from contract.signatures import DEFAULT_TOP_K
 
 
 class HTTPClient:

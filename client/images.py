@@ -1,9 +1,8 @@
 """Reading image files for the clients: raw bytes for servers that decode, pixels for those that don't.
 
 The pixel path decodes exactly as the gateway does (serving/images.py): EXIF orientation applied,
-any mode turned into 8-bit RGB with transparency composited on white, then the shared resize of
-serving/preprocess.py. Both import the RGB conversion and
-the resize from serving/preprocess.py, which needs only Pillow and NumPy (no Flask).
+any mode turned into 8-bit RGB with transparency composited on white, then the shared resize. Both
+import these steps from contract/preprocess.py, which needs only Pillow and NumPy (no Flask).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from client.results import ClientError
-from serving.preprocess import to_model_input, to_rgb, upright
+from contract.preprocess import to_model_input, to_rgb, upright
 
 ImageInput = str | Path | tuple[str, bytes]  # a file path, or (filename, encoded bytes)
 

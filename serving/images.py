@@ -19,8 +19,9 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
+from contract.preprocess import to_rgb, upright
+from contract.signatures import MAX_SIDE
 from serving.errors import GatewayError
-from serving.preprocess import MAX_SIDE, to_rgb, upright
 
 # The formats the exported bytes signature decodes too (docs/architecture.md).
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP")

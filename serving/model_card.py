@@ -15,16 +15,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from contract.signatures import MODEL_CARD_PATH
 
-CARD_PATH = Path("assets.extra") / "model_card.json"  # trainer/export/model_card.py writes it
+log = logging.getLogger(__name__)
 
 
 def card_summary(model_base_path: Path, model_name: str, version: int | None) -> dict[str, Any] | None:
     """The fields a caller of /v1/models needs from the card, or None when it cannot be read."""
     if version is None:
         return None
-    return _summary(str(Path(model_base_path) / model_name / str(version) / CARD_PATH), model_name, version)
+    path = Path(model_base_path) / model_name / str(version) / MODEL_CARD_PATH
+    return _summary(str(path), model_name, version)
 
 
 @functools.lru_cache(maxsize=16)  # a published version never changes, so its card is read once
@@ -50,6 +51,7 @@ def _summary(path: str, model_name: str, version: int) -> dict[str, Any] | None:
         "dataset": dataset.get("name"),
         "synthetic": bool(dataset.get("synthetic", False)),
         "architecture": card.get("architecture"),
+        "test_time_augmentation": card.get("test_time_augmentation", "none"),  # older cards predate --tta
         "test_accuracy": metrics.get("test_accuracy"),
         "created_at": card.get("created_at"),
     }

@@ -13,7 +13,7 @@ import time
 
 import grpc
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
     get_model_status_pb2,
     model_service_pb2_grpc,
@@ -21,46 +21,41 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from contract.channel import channel_options, open_channel
+from contract.signatures import (
+    CHANNELS,
+    CLASSES_KEY,
+    IMAGES_KEY,
+    INPUT_SIZE,
+    PROBABILITIES_KEY,
+    SERVING_DEFAULT,
+)
+from contract.tensors import to_ndarray, to_tensor_proto
 from serving.backends.base import (
     BackendError,
     BackendTimeout,
     BackendUnavailable,
+    Explanation,
     ModelStatus,
     Prediction,
     served_detail,
 )
 from serving.backends.explain import (
-    Explanation,
     explain_request,
     is_missing_signature,
     parse_explain_response,
     unsupported,
 )
 
-IMAGES_KEY = "images"
-PROBABILITIES_KEY = "probabilities"
-CLASSES_KEY = "classes"
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # 64 images are 786 KB as float32; leave room for big batches
 RETRY_BACKOFF_S = (0.05, 0.1, 0.2, 0.4)  # then give up: a down backend answers 503 in well under 1 s
+# TF Serving runs next to the gateway: a connect attempt needs far less than gRPC's 20 s default, and
+# a short one lets a restarted server be used again within a second.
+MIN_CONNECT_TIMEOUT_MS = 100
 _AVAILABLE = get_model_status_pb2.ModelVersionStatus.State.AVAILABLE
 _END = get_model_status_pb2.ModelVersionStatus.State.END
 # StatusProto.error_code uses TensorFlow's error codes, numbered as gRPC's.
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
-
-
-def _tensor_proto(images: np.ndarray) -> tensor_pb2.TensorProto:
-    # Built by hand: tensor_content is one memcpy, much cheaper than tf.make_tensor_proto.
-    batch = np.ascontiguousarray(images, dtype=np.float32)
-    shape = tensor_shape_pb2.TensorShapeProto(
-        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in batch.shape]
-    )
-    return tensor_pb2.TensorProto(
-        dtype=types_pb2.DT_FLOAT, tensor_shape=shape, tensor_content=batch.tobytes()
-    )
-
-
-def _shape(proto: tensor_pb2.TensorProto) -> tuple[int, ...]:
-    return tuple(d.size for d in proto.tensor_shape.dim)
 
 
 def _probabilities(proto: tensor_pb2.TensorProto) -> np.ndarray:
@@ -68,12 +63,7 @@ def _probabilities(proto: tensor_pb2.TensorProto) -> np.ndarray:
         raise BackendError(
             f"TensorFlow Serving returned {PROBABILITIES_KEY} of dtype {proto.dtype}, not float32"
         )
-    values = (
-        np.frombuffer(proto.tensor_content, dtype="<f4")
-        if proto.tensor_content
-        else np.asarray(proto.float_val, dtype=np.float32)
-    )
-    return values.reshape(_shape(proto)).astype(np.float32, copy=False)
+    return to_ndarray(proto)
 
 
 class TFServingBackend:
@@ -84,7 +74,7 @@ class TFServingBackend:
         address: str,
         model_name: str,
         *,
-        signature_name: str = "serving_default",
+        signature_name: str = SERVING_DEFAULT,
         deadline_s: float = 5.0,
     ) -> None:
         self.address = address
@@ -101,17 +91,11 @@ class TFServingBackend:
     ) -> tuple[prediction_service_pb2_grpc.PredictionServiceStub, model_service_pb2_grpc.ModelServiceStub]:
         with self._lock:
             if self._channel is None or self._pid != os.getpid():
-                self._channel = grpc.insecure_channel(
+                self._channel = open_channel(
                     self.address,
-                    options=[
-                        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                        # gRPC waits up to 2 minutes between reconnects by default; a restarted
-                        # TensorFlow Serving should be used again within a second.
-                        ("grpc.initial_reconnect_backoff_ms", 100),
-                        ("grpc.min_reconnect_backoff_ms", 100),
-                        ("grpc.max_reconnect_backoff_ms", 1000),
-                    ],
+                    channel_options(
+                        max_message_bytes=MAX_MESSAGE_BYTES, min_connect_timeout_ms=MIN_CONNECT_TIMEOUT_MS
+                    ),
                 )
                 self._pid = os.getpid()
             return (
@@ -119,7 +103,7 @@ class TFServingBackend:
                 model_service_pb2_grpc.ModelServiceStub(self._channel),
             )
 
-    def _call(self, method, request):  # noqa: ANN001, ANN202 - any unary stub method
+    def _call(self, method, request):
         deadline = time.monotonic() + self.deadline_s
         for attempt in range(len(RETRY_BACKOFF_S) + 1):
             remaining = deadline - time.monotonic()
@@ -158,7 +142,7 @@ class TFServingBackend:
         request = predict_pb2.PredictRequest()
         request.model_spec.name = self.model_name
         request.model_spec.signature_name = self.signature_name
-        request.inputs[IMAGES_KEY].CopyFrom(_tensor_proto(images))
+        request.inputs[IMAGES_KEY].CopyFrom(to_tensor_proto(np.asarray(images, dtype=np.float32)))
         response = self._call(predict_stub.Predict, request)
         try:
             probabilities = _probabilities(response.outputs[PROBABILITIES_KEY])
@@ -212,7 +196,7 @@ class TFServingBackend:
         if self._class_names is None:
             # Class names travel only with predictions; one probe image learns them once.
             try:
-                self.predict(np.zeros((1, 32, 32, 3), np.uint8))
+                self.predict(np.zeros((1, INPUT_SIZE, INPUT_SIZE, CHANNELS), np.uint8))
             except (BackendUnavailable, BackendTimeout, BackendError) as error:
                 return ModelStatus(False, self.model_name, version, None, f"probe prediction failed: {error}")
         # TF Serving keeps the old version when a newer one fails to load (END with an error).

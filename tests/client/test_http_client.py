@@ -106,7 +106,7 @@ class _Scripted(BaseHTTPRequestHandler):
     failures = 0
     seen: list[float] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
         type(self).seen.append(time.monotonic())
         if len(self.seen) <= self.failures:

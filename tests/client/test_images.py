@@ -10,8 +10,8 @@ from PIL import Image
 
 from client.images import to_pixels
 from client.results import ClientError
+from contract.preprocess import to_model_input
 from serving.images import decode_image
-from serving.preprocess import to_model_input
 from tests.serving.test_images import GARBLED_EXIF
 
 

@@ -165,7 +165,7 @@ def test_image_at_the_pixel_limit_is_accepted() -> None:
 
 
 def test_a_side_over_65535_pixels_is_413_and_65535_is_accepted() -> None:
-    from serving.preprocess import MAX_SIDE
+    from contract.signatures import MAX_SIDE
 
     assert decode(encode(Image.new("RGB", (MAX_SIDE, 1)), "BMP")).size == (MAX_SIDE, 1)
     error = error_of(encode(Image.new("RGB", (1, MAX_SIDE + 1)), "BMP"))

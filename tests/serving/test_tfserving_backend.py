@@ -28,7 +28,7 @@ def png() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def tfserving_app(tfserving_double) -> Flask:  # noqa: ANN001
+def tfserving_app(tfserving_double) -> Flask:
     app = create_app(
         Settings(
             tfserving_address=tfserving_double.address, model_name=tfserving_double.model_name, deadline_s=1.0
@@ -42,7 +42,7 @@ def test_answers_equal_the_embedded_backend_on_real_photos(
     tfserving_app: Flask,
     gateway_app: Flask,
     tfserving_double,
-    cifar_sample,  # noqa: ANN001
+    cifar_sample,
 ) -> None:
     paths = [path for path, _ in cifar_sample[:16]]
     via_tfserving = tfserving_app.test_client().post("/v1/predict?top_k=2", data=upload(paths))
@@ -58,7 +58,7 @@ def test_answers_equal_the_embedded_backend_on_real_photos(
         )
 
 
-def test_readiness_and_models_come_from_model_status(tfserving_app: Flask, tfserving_double) -> None:  # noqa: ANN001
+def test_readiness_and_models_come_from_model_status(tfserving_app: Flask, tfserving_double) -> None:
     client = tfserving_app.test_client()
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.get_json()["version"] == tfserving_double.model_version
@@ -66,7 +66,7 @@ def test_readiness_and_models_come_from_model_status(tfserving_app: Flask, tfser
     assert models["backend"] == "tfserving" and len(models["class_names"]) == 10
 
 
-def test_models_card_needs_the_shared_model_volume(tfserving_double, tmp_path) -> None:  # noqa: ANN001
+def test_models_card_needs_the_shared_model_volume(tfserving_double, tmp_path) -> None:
     """With the volume TF Serving reads mounted (compose does), the card is quoted; without, null."""
     cards = []
     for base in (tfserving_double.model_base, tmp_path / "not-mounted"):
@@ -84,7 +84,7 @@ def test_models_card_needs_the_shared_model_volume(tfserving_double, tmp_path) -
     assert cards[0]["synthetic"] is True and cards[1] is None
 
 
-def test_unknown_model_is_not_ready(tfserving_double) -> None:  # noqa: ANN001
+def test_unknown_model_is_not_ready(tfserving_double) -> None:
     app = create_app(Settings(tfserving_address=tfserving_double.address, model_name="no-such-model"))
     client = app.test_client()
     assert client.get("/readyz").status_code == 503
@@ -93,7 +93,7 @@ def test_unknown_model_is_not_ready(tfserving_double) -> None:  # noqa: ANN001
     app.extensions["gateway.backend"].close()
 
 
-def test_unavailable_is_retried_other_errors_are_not(tfserving_app: Flask, tfserving_controls) -> None:  # noqa: ANN001
+def test_unavailable_is_retried_other_errors_are_not(tfserving_app: Flask, tfserving_controls) -> None:
     server = tfserving_controls
     client = tfserving_app.test_client()
     try:
@@ -115,7 +115,7 @@ def test_unavailable_is_retried_other_errors_are_not(tfserving_app: Flask, tfser
         server.fail_next(0)
 
 
-def test_slow_backend_is_504_at_the_deadline(tfserving_app: Flask, tfserving_controls) -> None:  # noqa: ANN001
+def test_slow_backend_is_504_at_the_deadline(tfserving_app: Flask, tfserving_controls) -> None:
     tfserving_controls.set_delay(3.0)
     start = time.perf_counter()
     response = tfserving_app.test_client().post("/v1/predict", data=png(), content_type="image/png")
@@ -124,7 +124,7 @@ def test_slow_backend_is_504_at_the_deadline(tfserving_app: Flask, tfserving_con
     assert 0.9 < elapsed < 2.5  # the 1 s deadline, not the 3 s delay
 
 
-def test_backend_down_is_503_then_recovers(tfserving_app: Flask, tfserving_controls) -> None:  # noqa: ANN001
+def test_backend_down_is_503_then_recovers(tfserving_app: Flask, tfserving_controls) -> None:
     client = tfserving_app.test_client()
     tfserving_controls.set_down(True)
     start = time.perf_counter()
@@ -139,7 +139,7 @@ def test_backend_down_is_503_then_recovers(tfserving_app: Flask, tfserving_contr
         time.sleep(0.2)
 
 
-def test_batches_over_4_mib_on_the_wire_go_through(tfserving_double) -> None:  # noqa: ANN001
+def test_batches_over_4_mib_on_the_wire_go_through(tfserving_double) -> None:
     # gRPC's default 4 MiB receive limit would refuse such a request at a server left at defaults.
     from serving.backends.tfserving import TFServingBackend
 
@@ -154,7 +154,7 @@ def test_batches_over_4_mib_on_the_wire_go_through(tfserving_double) -> None:  #
         backend.close()
 
 
-def test_readiness_names_a_newer_version_that_failed_to_load(tmp_path) -> None:  # noqa: ANN001
+def test_readiness_names_a_newer_version_that_failed_to_load(tmp_path) -> None:
     """TF Serving keeps serving version 1 when version 2 is corrupt; /readyz stays 200 and says so."""
     from tests.tfserving_double import TFServingDouble
     from tests.tfserving_double.tiny_model import write_tiny_model

@@ -1,10 +1,11 @@
 """The model base directory, watched the way TensorFlow Serving's file-system source watches it.
 
 Layout: BASE/<model name>/<version>/saved_model.pb. Like TF Serving, only all-digit directory names
-are versions (anything else, e.g. a half-written `.tmp-3` or `3.partial`, is ignored), and the
-default version policy serves only the latest version; with `all_versions=True` every version is
-served (TF Serving's `model_version_policy { all {} }`). A version that disappears or is superseded
-is unloaded and then reported with state END, as GetModelStatus does after a rollout.
+are versions (anything else, e.g. a half-written `.tmp-3` or `3.partial`, is ignored; the rule is
+contract/versions.py's, shared with the gateway and the publisher), and the default version policy
+serves only the latest version; with `all_versions=True` every version is served (TF Serving's
+`model_version_policy { all {} }`). A version that disappears or is superseded is unloaded and then
+reported with state END, as GetModelStatus does after a rollout.
 
 A version that fails to load is reported as END with the loader's own error in its status
 (basic_manager.cc publishes {id, kEnd, error}; get_model_status_impl.cc copies it through
@@ -12,6 +13,8 @@ ToStatusProto). Known simplifications (codes and messages are unaffected; timing
   * TF Serving (file_system_storage_path_source.cc) takes any child whose name safe_strto64 parses
     as a version and tries to load it, saved_model.pb or not; the double waits for saved_model.pb,
     which stands in for the server retrying a failed load (--max_num_load_retries=5, 60 s apart).
+    Names such as "0" or "007" that TF Serving would parse are not versions here (see
+    contract/versions.py: nothing publishes them, and "007" is not the directory of version 7).
   * Those retries keep a failing version in LOADING for minutes; the double reports END at once.
   * START / LOADING / UNLOADING are never observed: loads and unloads here are synchronous.
 """
@@ -25,6 +28,7 @@ from pathlib import Path
 import grpc
 import tensorflow as tf
 
+from contract.versions import published_versions
 from tests.tfserving_double.servable import CODES_BY_VALUE, Servable, ServingError
 
 
@@ -35,17 +39,6 @@ class VersionState:
     state: str  # "AVAILABLE" or "END" (names of ModelVersionStatus.State)
     error_code: grpc.StatusCode = grpc.StatusCode.OK
     error_message: str = ""
-
-
-def _versions_on_disk(model_dir: Path) -> list[int]:
-    if not model_dir.is_dir():
-        return []
-    return sorted(
-        int(child.name)
-        for child in model_dir.iterdir()
-        # isdecimal, not isdigit: "²" is a digit to Python but not to TF Serving's parser.
-        if child.name.isascii() and child.name.isdecimal() and (child / "saved_model.pb").is_file()
-    )
 
 
 def _load_error(path: Path, err: Exception) -> tuple[grpc.StatusCode, str]:
@@ -72,8 +65,8 @@ class ModelRegistry:
         """Load new versions, unload removed or superseded ones. Safe to call from any thread."""
         names = [p.name for p in self.model_base.iterdir() if p.is_dir()] if self.model_base.is_dir() else []
         for name in sorted(set(names) | set(self._loaded)):
-            on_disk = _versions_on_disk(self.model_base / name)
-            wanted = on_disk if self.all_versions else on_disk[-1:]
+            on_disk = published_versions(self.model_base / name)  # newest first
+            wanted = on_disk if self.all_versions else on_disk[:1]
             self._sync_model(name, wanted)
 
     def _sync_model(self, name: str, wanted: list[int]) -> None:

@@ -108,9 +108,9 @@ class Servable:
         self._session = TFServingSession.load(self.path, (SERVE_TAG,))
         self.signature_defs: Mapping[str, meta_graph_pb2.SignatureDef] = self._session.signature_defs
         # Its graph and tf.compat.v1.Session, for running through the C API (see `_run`).
-        self._graph: tf.Graph = self._session._graph  # noqa: SLF001
-        self._tf_session: tf.compat.v1.Session = self._session._session  # noqa: SLF001
-        self._tf_session._extend_graph()  # noqa: SLF001 - the C session holds the whole graph now
+        self._graph: tf.Graph = self._session._graph
+        self._tf_session: tf.compat.v1.Session = self._session._session
+        self._tf_session._extend_graph()
 
     def close(self) -> None:
         self._session.close()
@@ -207,10 +207,10 @@ class Servable:
     def _run(self, feeds: Mapping[str, np.ndarray], fetch_names: list[str]) -> list[np.ndarray]:
         """Session::Run through the C API (TF_SessionRun -> DirectSession::Run), as TF Serving
         calls it: dtype mismatches and kernel errors come back as TensorFlow's status, unchanged."""
-        feed = {self._graph.get_tensor_by_name(n)._as_tf_output(): v for n, v in feeds.items()}  # noqa: SLF001
-        fetch = [self._graph.get_tensor_by_name(n)._as_tf_output() for n in fetch_names]  # noqa: SLF001
+        feed = {self._graph.get_tensor_by_name(n)._as_tf_output(): v for n, v in feeds.items()}
+        fetch = [self._graph.get_tensor_by_name(n)._as_tf_output() for n in fetch_names]
         try:
-            values = self._tf_session._call_tf_sessionrun(None, feed, fetch, [], None)  # noqa: SLF001
+            values = self._tf_session._call_tf_sessionrun(None, feed, fetch, [], None)
         except tf.errors.OpError as err:
             raise ServingError(
                 CODES_BY_VALUE.get(err.error_code, grpc.StatusCode.UNKNOWN), err.message

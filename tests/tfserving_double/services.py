@@ -24,14 +24,14 @@ SIGNATURE_DEF_FIELD = "signature_def"  # the only metadata field TF Serving supp
 ERROR_MESSAGE_LIMIT = 1024
 
 
-def _model_spec(request):  # noqa: ANN001, ANN202 - any request message with a model_spec
+def _model_spec(request):
     """The three *_impl.cc entry points: INVALID_ARGUMENT only when the field is absent altogether."""
     if not request.HasField("model_spec"):
         raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
     return request.model_spec
 
 
-def _servable_request(model_spec) -> tuple[str, int | None]:  # noqa: ANN001 - a ModelSpec message
+def _servable_request(model_spec) -> tuple[str, int | None]:
     """server_core.cc ServableRequestFromModelSpec (Predict and GetModelMetadata; not GetModelStatus)."""
     if not model_spec.name:
         raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "ModelSpec has no name specified.")
@@ -93,7 +93,7 @@ class _Base:
 
 
 class PredictionServicer(_Base, prediction_service_pb2_grpc.PredictionServiceServicer):
-    def Predict(self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext):  # noqa: N802
+    def Predict(self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext):
         def work() -> predict_pb2.PredictResponse:
             name, version = _servable_request(_model_spec(request))
             servable = self._registry.get(name, version)
@@ -110,7 +110,7 @@ class PredictionServicer(_Base, prediction_service_pb2_grpc.PredictionServiceSer
 
         return self._handle(context, work)
 
-    def GetModelMetadata(  # noqa: N802
+    def GetModelMetadata(
         self, request: get_model_metadata_pb2.GetModelMetadataRequest, context: grpc.ServicerContext
     ):
         def work() -> get_model_metadata_pb2.GetModelMetadataResponse:
@@ -146,7 +146,7 @@ class PredictionServicer(_Base, prediction_service_pb2_grpc.PredictionServiceSer
 
 
 class ModelServicer(_Base, model_service_pb2_grpc.ModelServiceServicer):
-    def GetModelStatus(  # noqa: N802
+    def GetModelStatus(
         self, request: get_model_status_pb2.GetModelStatusRequest, context: grpc.ServicerContext
     ):
         def work() -> get_model_status_pb2.GetModelStatusResponse:

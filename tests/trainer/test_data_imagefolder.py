@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.preprocess import to_model_input
+from contract.preprocess import to_model_input
 from trainer.data import DataError, load_dataset
 from trainer.data.imagefolder import load as load_imagefolder
 

@@ -1,6 +1,6 @@
 """Your own classes: ROOT/train/<class>/* and ROOT/test/<class>/*, one sub-folder per class.
 
-Any file Pillow opens is converted to RGB and resized to 32x32 by serving.preprocess.to_model_input,
+Any file Pillow opens is converted to RGB and resized to 32x32 by contract.preprocess.to_model_input,
 the same function the gateway uses, so training sees exactly the pixels serving will. Files Pillow
 cannot read are skipped with a warning naming each one. Class names are the sorted sub-folder
 names, which must be the same in both splits (the label indices depend on it).
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from serving.preprocess import to_model_input
+from contract.preprocess import to_model_input
 from trainer.data.errors import DataError
 from trainer.data.raw import RawSplits
 

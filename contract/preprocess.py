@@ -1,12 +1,17 @@
-"""The resize contract between the gateway (Pillow) and the exported bytes signature (TensorFlow).
+"""Upload pixels -> the model's input: the resize contract between Pillow and the exported graph.
 
-Both paths turn a decoded RGB image of any size into the same uint8 pixels [32, 32, 3], bit for bit:
+The gateway (serving/images.py), the clients' pixel path (client/images.py) and the trainer's image
+folders (trainer/data/imagefolder.py) all turn pixels into model input here, so training, serving
+and clients see the same pixels; the exported bytes signature (TensorFlow) reproduces it in-graph.
+
+Both turn a decoded RGB image of any size into the same uint8 pixels [32, 32, 3], bit for bit:
   * here: Pillow `Image.resize((32, 32), Image.BILINEAR)`. On downscaling Pillow widens the
     triangle filter by the scale factor (antialiasing); it resizes in two separable passes with
     integer (fixed-point, 22-bit) filter coefficients, rounding to uint8 after each pass, and
     Pillow 13 runs the vertical pass first for images whose height shrinks much more than their width;
-  * in the graph (trainer/export/savedmodel.py `resize_like_pillow`): the same coefficients, computed
-    the way Pillow computes them, the same integer sums and rounding, and the same pass order.
+  * in the graph (trainer/export/graph_image/pillow_resize.py `resize_like_pillow`): the same
+    coefficients, computed the way Pillow computes them, the same integer sums and rounding, and
+    the same pass order.
 The pixels are identical for every image size; the parity tests (tests/trainer/test_export_parity.py)
 compare them value for value. Changing the filter here breaks that, and so does a Pillow whose
 resize arithmetic or pass order differs: releases before 13 order the passes differently for tall
@@ -20,8 +25,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-INPUT_SIZE = 32  # pixels, height = width
-MAX_SIDE = 65535  # pixels per side (JPEG's limit); the graph refuses longer sides too
+from contract.signatures import INPUT_SIZE
+
 RESAMPLE = Image.Resampling.BILINEAR
 
 
@@ -30,14 +35,14 @@ def upright(image: Image.Image) -> Image.Image:
 
     Metadata must not cost a photo whose pixels decode: Pillow raises anything from ValueError to
     struct.error on a garbled EXIF block (e.g. next to a JFIF density header), and the exported
-    bytes signature reads such a block as orientation 1 (trainer/export/savedmodel.py), so the
+    bytes signature reads such a block as orientation 1 (trainer/export/graph_image/exif.py), so the
     gateway, the clients' pixel path and the graph stay in agreement.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data": handled right here
             return ImageOps.exif_transpose(image) or image
-    except Exception:  # noqa: BLE001 - any parse failure means "no usable orientation"
+    except Exception:  # any parse failure means "no usable orientation"
         return image
 
 
