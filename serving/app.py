@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from flask import Flask, Response, g, request, send_from_directory
 
-from serving import api, explain, health, metrics
+from serving import api, context, explain, health, metrics
 from serving.backends.base import Backend
 from serving.config import Settings
 from serving.errors import register_error_handlers
@@ -53,8 +53,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app.json.sort_keys = False  # keep probabilities in class order and top-k in rank order
     backend = backend or make_backend(settings)
     atexit.register(backend.close)
-    app.extensions["gateway.settings"] = settings
-    app.extensions["gateway.backend"] = backend
+    context.install(app, settings, backend)
 
     register_error_handlers(app, max_upload_bytes=settings.max_upload_bytes)
     app.register_blueprint(api.bp)
@@ -70,11 +69,11 @@ def _register_pages(app: Flask) -> None:
     spec_path = PACKAGE_DIR / "openapi.yaml"
 
     @app.get("/")
-    def index():  # noqa: ANN202 - Flask view
+    def index() -> Response:
         return send_from_directory(static_dir, "index.html")
 
     @app.get("/static/<path:name>")
-    def static_file(name: str):  # noqa: ANN202 - Flask view
+    def static_file(name: str) -> Response:
         return send_from_directory(static_dir, name)
 
     @app.get("/openapi.yaml")

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from contract.signatures import SERVING_DEFAULT
+
 T = TypeVar("T")
 
 MIB = 1024 * 1024
@@ -23,7 +25,7 @@ class Settings:
     model_name: str = "cifar10"
     # host:port of TensorFlow Serving's gRPC API; None selects the embedded backend.
     tfserving_address: str | None = None
-    tfserving_signature: str = "serving_default"
+    tfserving_signature: str = SERVING_DEFAULT
     deadline_s: float = 5.0
     max_images: int = 64
     max_upload_bytes: int = 20 * MIB

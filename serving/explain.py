@@ -3,20 +3,27 @@
 The overlay explains the top class, or the class named by the optional `class` parameter (a class
 name such as `cat`, or its index), which answers "what in this image looks like a cat?".
 
-Uploads, limits, top_k and backend errors are handled by the same helpers as /v1/predict
-(serving/api.py), so both endpoints accept the same requests and refuse bad ones identically.
+Uploads, limits, top_k and backend errors are handled by the same request steps as /v1/predict
+(serving/uploads.py, ranking.py, backend_call.py), so both endpoints accept the same requests and
+refuse bad ones identically.
 The heatmap comes from the model's exported `explain` signature (trainer/export/gradcam.py),
 whichever backend serves it; serving/overlay.py draws it over the 32x32 input the model saw.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 from flask import Blueprint, Response, jsonify, request
 
-from serving import api
-from serving.backends.explain import ExplainUnsupported, Explanation
+from serving.backend_call import call_backend
+from serving.backends.base import ExplainUnsupported, Explanation
+from serving.context import backend
 from serving.errors import GatewayError
 from serving.overlay import VIEW_SIZE, overlay_png_base64
+from serving.ranking import check_top_k, requested_top_k, scores
+from serving.uploads import Upload, model_inputs, param, read_uploads
 
 bp = Blueprint("explain", __name__, url_prefix="/v1")
 
@@ -25,13 +32,13 @@ CLASS_PARAM = "class"  # optional: explain this class (a name or an index) inste
 
 
 def _requested_class(content_type: str) -> str | None:
-    raw = api._param(CLASS_PARAM, content_type)
+    raw = param(CLASS_PARAM, content_type)
     return raw.strip() if raw is not None and raw.strip() else None
 
 
 def _class_index(raw: str) -> int:
     """The index of the class named (or numbered) by `raw` in the served model's class names."""
-    status = api._backend().status()
+    status = backend().status()
     names = tuple(status.class_names or ())
     if not status.ready or not names:
         raise GatewayError(
@@ -52,48 +59,60 @@ def _class_index(raw: str) -> int:
     )
 
 
-def _explain(batch, class_index: int | None) -> Explanation:  # noqa: ANN001 - uint8 [N, 32, 32, 3]
-    if not callable(getattr(api._backend(), "explain", None)):
-        raise GatewayError(
-            501,
-            "explain_unsupported",
-            "this gateway's model backend cannot explain predictions; use /v1/predict",
-        )
+def _explain(batch: np.ndarray, class_index: int | None) -> Explanation:
     try:
-        return api._call_backend(batch, method="explain", class_index=class_index)
-    except ExplainUnsupported as error:  # not a BackendError: api's 502 mapping lets it through
+        return call_backend(backend().explain, batch, class_index)
+    except ExplainUnsupported as error:  # not a BackendError: call_backend's 502 mapping lets it through
         raise GatewayError(501, "explain_unsupported", str(error)) from None
+
+
+def _explained_class(explanation: Explanation, index: int, class_index: int | None) -> int:
+    """The class the backend says image `index`'s heatmap explains, checked against the request."""
+    names = explanation.class_names
+    explained = int(explanation.explained_class[index])
+    if not 0 <= explained < len(names) or class_index not in (None, explained):
+        raise GatewayError(
+            502,
+            "backend_error",
+            f"the model explained class {explained} of {len(names)} (asked for {class_index})",
+        )
+    return explained
+
+
+def _entry(
+    explanation: Explanation,
+    index: int,
+    upload: Upload,
+    pixels: np.ndarray,
+    top_k: int,
+    class_index: int | None,
+) -> dict[str, Any]:
+    """Image `index`'s answer: its scores, the explained class and the overlay of its heatmap."""
+    names = explanation.class_names
+    explained = _explained_class(explanation, index, class_index)
+    return {
+        "filename": upload.filename,
+        **scores(explanation.probabilities[index], names, top_k),
+        "explained_class": names[explained],
+        "overlay_png": overlay_png_base64(pixels, explanation.heatmaps[index]),
+        "overlay_size": [VIEW_SIZE, VIEW_SIZE],
+    }
 
 
 @bp.post("/explain")
 def explain() -> Response:
     content_type = request.mimetype  # parsed once, as in api.predict
-    top_k = api._top_k(content_type)
-    uploads = api._uploads(content_type)
-    batch = api._model_inputs(uploads)
+    top_k = requested_top_k(content_type)
+    uploads = read_uploads(content_type)
+    batch = model_inputs(uploads)
     requested = _requested_class(content_type)
     class_index = None if requested is None else _class_index(requested)
     explanation = _explain(batch, class_index)
-    names = explanation.class_names
-    api._check_top_k(top_k, names)
-    results = []
-    for index, ((filename, _), row) in enumerate(zip(uploads, explanation.probabilities, strict=True)):
-        explained = int(explanation.explained_class[index])
-        if not 0 <= explained < len(names) or class_index not in (None, explained):
-            raise GatewayError(
-                502,
-                "backend_error",
-                f"the model explained class {explained} of {len(names)} (asked for {class_index})",
-            )
-        results.append(
-            {
-                "filename": filename,
-                **api._scores(row, names, top_k),
-                "explained_class": names[explained],
-                "overlay_png": overlay_png_base64(batch[index], explanation.heatmaps[index]),
-                "overlay_size": [VIEW_SIZE, VIEW_SIZE],
-            }
-        )
+    check_top_k(top_k, explanation.class_names)
+    results = [
+        _entry(explanation, index, upload, batch[index], top_k, class_index)
+        for index, (upload, _) in enumerate(zip(uploads, explanation.probabilities, strict=True))
+    ]
     return jsonify(
         {
             "model": {"name": explanation.model_name, "version": explanation.model_version},

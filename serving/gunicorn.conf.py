@@ -27,19 +27,19 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
 
 
-def on_starting(server) -> None:  # noqa: ANN001 - gunicorn hook
+def on_starting(server) -> None:  # a gunicorn server hook
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(directory, exist_ok=True)
 
 
-def child_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn hook
+def child_exit(server, worker) -> None:  # a gunicorn server hook
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
 
 
-def post_fork(server, worker) -> None:  # noqa: ANN001 - gunicorn hook
+def post_fork(server, worker) -> None:  # a gunicorn server hook
     # Route the gateway's own logs (model loaded, version swapped, unexpected errors) through
     # gunicorn's error log, so --log-level and --error-logfile apply to them too. post_fork runs
     # before the worker builds the app, so the first model load is logged as well.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
+
+from serving.context import backend
 
 bp = Blueprint("health", __name__)
 
@@ -14,7 +16,7 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    status = current_app.extensions["gateway.backend"].status()
+    status = backend().status()
     body = {
         "ready": status.ready,
         "model": status.model_name,

@@ -17,6 +17,18 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class Explanation:
+    """Grad-CAM from the exported `explain` signature (trainer/export/gradcam.py)."""
+
+    probabilities: np.ndarray  # float32 [N, C]
+    heatmaps: np.ndarray  # float32 [N, 32, 32], 0..1: where the evidence for explained_class sits
+    explained_class: np.ndarray  # int32 [N]: the class each heatmap explains
+    class_names: tuple[str, ...]
+    model_name: str
+    model_version: int
+
+
+@dataclass(frozen=True)
 class ModelStatus:
     ready: bool  # True only when a model version is loaded and answering
     model_name: str
@@ -53,11 +65,23 @@ class BackendError(Exception):
     """The backend answered with an error the client cannot fix (bad gateway)."""
 
 
+class ExplainUnsupported(Exception):
+    """The served model version has no `explain` signature (exported before Grad-CAM existed, or a
+    model without convolutional layers): re-export it to get explanations. Deliberately not a
+    BackendError: the gateway answers it 501 (a missing feature), not 502 (a failing backend)."""
+
+
 class Backend(Protocol):
     kind: str  # "embedded" | "tfserving": the label on backend metrics
 
     def predict(self, images: np.ndarray) -> Prediction:
         """uint8 [N, 32, 32, 3] (all images of one request, one batch) -> probabilities."""
+        ...
+
+    def explain(self, images: np.ndarray, class_index: int | None = None) -> Explanation:
+        """uint8 [N, 32, 32, 3] -> probabilities and a Grad-CAM heatmap per image, of class
+        `class_index` (None: each image's top class). Raises ExplainUnsupported when the served
+        version was exported without the `explain` signature."""
         ...
 
     def status(self) -> ModelStatus: ...

@@ -14,23 +14,21 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from contract.signatures import CLASSES_KEY, IMAGES_KEY, PROBABILITIES_KEY, SAVED_MODEL_FILE, SERVING_DEFAULT
+from contract.versions import published_versions
 from serving.backends.base import (
     BackendError,
     BackendTimeout,
     BackendUnavailable,
+    Explanation,
     ModelStatus,
     Prediction,
     served_detail,
 )
-from serving.backends.explain import Explanation, explain_saved_model
-from serving.backends.versions import published_versions
+from serving.backends.explain import explain_saved_model
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-IMAGES_KEY = "images"
-PROBABILITIES_KEY = "probabilities"
-CLASSES_KEY = "classes"
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,7 @@ class LoadedModel:
     saved_model: Any  # keeps the variables the signature reads alive
 
 
-def load_version(model_dir: Path, version: int, signature_name: str = "serving_default") -> LoadedModel:
+def load_version(model_dir: Path, version: int, signature_name: str = SERVING_DEFAULT) -> LoadedModel:
     """Load one version and run it once, so the first request does not pay for tracing."""
     import tensorflow as tf  # imported here so the gateway's TF Serving mode need not load it eagerly
 
@@ -67,7 +65,7 @@ class EmbeddedBackend:
         model_name: str,
         *,
         poll_interval_s: float = 2.0,
-        signature_name: str = "serving_default",
+        signature_name: str = SERVING_DEFAULT,
         deadline_s: float = 5.0,
         model_threads: int = 4,
     ) -> None:
@@ -97,24 +95,14 @@ class EmbeddedBackend:
         while a bad version sits on disk still serves the newest good one.
         """
         current = self._current
-        candidates = [
-            v for v in published_versions(self.model_dir) if current is None or v > current.version
-        ]
+        candidates = [v for v in published_versions(self.model_dir) if current is None or v > current.version]
         if not candidates:
             if current is None:
                 self._last_error = f"no published version under {self.model_dir} yet"
             return False
         for version in candidates:
-            marker = self._saved_model_mtime(version)
-            if self._broken.get(version) == marker:
-                continue
-            try:
-                loaded = load_version(self.model_dir, version, self.signature_name)
-            except Exception as error:  # a broken version must not take the served one down
-                self._broken[version] = marker
-                self._broken_errors[version] = f"{type(error).__name__}: {error}"[:500]
-                self._last_error = f"version {version} under {self.model_dir} failed to load: {error}"
-                log.exception("loading %s version %s failed; it will not be served", self.model_name, version)
+            loaded = self._try_load(version)
+            if loaded is None:
                 continue
             # One reference assignment: requests that already read the old model keep using it.
             self._current = loaded
@@ -123,9 +111,23 @@ class EmbeddedBackend:
             return True
         return False
 
+    def _try_load(self, version: int) -> LoadedModel | None:
+        """`version` loaded, or None when it fails to load (now, or before with the same saved_model.pb)."""
+        marker = self._saved_model_mtime(version)
+        if self._broken.get(version) == marker:
+            return None
+        try:
+            return load_version(self.model_dir, version, self.signature_name)
+        except Exception as error:  # a broken version must not take the served one down
+            self._broken[version] = marker
+            self._broken_errors[version] = f"{type(error).__name__}: {error}"[:500]
+            self._last_error = f"version {version} under {self.model_dir} failed to load: {error}"
+            log.exception("loading %s version %s failed; it will not be served", self.model_name, version)
+            return None
+
     def _saved_model_mtime(self, version: int) -> float:
         try:
-            return (self.model_dir / str(version) / "saved_model.pb").stat().st_mtime
+            return (self.model_dir / str(version) / SAVED_MODEL_FILE).stat().st_mtime
         except OSError:
             return -1.0
 

@@ -2,45 +2,30 @@
 
 The backends' `explain(images, class_index=None)` methods delegate here: the embedded one calls the
 loaded SavedModel's signature in process, the TF Serving one sends a PredictRequest naming the
-`explain` signature over gRPC. Both return an Explanation.
+`explain` signature over gRPC. Both return an Explanation (serving/backends/base.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow.core.framework import tensor_pb2
 from tensorflow_serving.apis import predict_pb2
 
-from serving.backends.base import BackendError
-
-EXPLAIN_SIGNATURE = "explain"
-IMAGES_KEY = "images"
-CLASS_INDEX_KEY = "class_index"
-PROBABILITIES_KEY = "probabilities"
-CLASSES_KEY = "classes"
-HEATMAP_KEY = "heatmap"
-EXPLAINED_CLASS_KEY = "explained_class"
-TOP_CLASS = -1  # class_index meaning "the predicted class"
-OUTPUT_KEYS = (PROBABILITIES_KEY, CLASSES_KEY, HEATMAP_KEY, EXPLAINED_CLASS_KEY)
-
-
-@dataclass(frozen=True)
-class Explanation:
-    probabilities: np.ndarray  # float32 [N, C]
-    heatmaps: np.ndarray  # float32 [N, 32, 32], 0..1: where the evidence for explained_class sits
-    explained_class: np.ndarray  # int32 [N]: the class each heatmap explains
-    class_names: tuple[str, ...]
-    model_name: str
-    model_version: int
-
-
-class ExplainUnsupported(Exception):
-    """The served model version has no `explain` signature (exported before Grad-CAM existed, or a
-    model without convolutional layers): re-export it to get explanations. Deliberately not a
-    BackendError: the gateway answers it 501 (a missing feature), not 502 (a failing backend)."""
+from contract.signatures import (
+    CLASS_INDEX_KEY,
+    CLASSES_KEY,
+    EXPLAINED_CLASS_KEY,
+    HEATMAP_KEY,
+    IMAGES_KEY,
+    PROBABILITIES_KEY,
+    TOP_CLASS,
+)
+from contract.signatures import EXPLAIN as EXPLAIN_SIGNATURE
+from contract.signatures import EXPLAIN_OUTPUT_KEYS as OUTPUT_KEYS
+from contract.tensors import to_ndarray, to_tensor_proto
+from serving.backends.base import BackendError, ExplainUnsupported, Explanation
 
 
 def class_indices(count: int, class_index: int | None) -> np.ndarray:
@@ -95,13 +80,6 @@ def explain_saved_model(
     return _checked({k: v.numpy() for k, v in outputs.items()}, len(images), model_name, model_version)
 
 
-def _tensor(array: np.ndarray, dtype: int) -> tensor_pb2.TensorProto:
-    shape = tensor_shape_pb2.TensorShapeProto(
-        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in array.shape]
-    )
-    return tensor_pb2.TensorProto(dtype=dtype, tensor_shape=shape, tensor_content=array.tobytes())
-
-
 def explain_request(
     model_name: str, images: np.ndarray, class_index: int | None
 ) -> predict_pb2.PredictRequest:
@@ -109,32 +87,16 @@ def explain_request(
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model_name
     request.model_spec.signature_name = EXPLAIN_SIGNATURE
-    request.inputs[IMAGES_KEY].CopyFrom(
-        _tensor(np.ascontiguousarray(images, dtype="<f4"), types_pb2.DT_FLOAT)
-    )
-    request.inputs[CLASS_INDEX_KEY].CopyFrom(
-        _tensor(class_indices(len(images), class_index).astype("<i4"), types_pb2.DT_INT32)
-    )
+    request.inputs[IMAGES_KEY].CopyFrom(to_tensor_proto(np.asarray(images, dtype=np.float32)))
+    request.inputs[CLASS_INDEX_KEY].CopyFrom(to_tensor_proto(class_indices(len(images), class_index)))
     return request
 
 
 def _array(proto: tensor_pb2.TensorProto, key: str) -> np.ndarray:
-    shape = tuple(d.size for d in proto.tensor_shape.dim)
-    if proto.dtype == types_pb2.DT_FLOAT:
-        flat = (
-            np.frombuffer(proto.tensor_content, "<f4")
-            if proto.tensor_content
-            else np.asarray(proto.float_val)
-        )
-        return flat.astype(np.float32).reshape(shape)
-    if proto.dtype == types_pb2.DT_INT32:
-        flat = (
-            np.frombuffer(proto.tensor_content, "<i4") if proto.tensor_content else np.asarray(proto.int_val)
-        )
-        return flat.astype(np.int32).reshape(shape)
-    if proto.dtype == types_pb2.DT_STRING:
-        return np.asarray(list(proto.string_val), dtype=object).reshape(shape)
-    raise BackendError(f"TensorFlow Serving returned {key} of unexpected dtype {proto.dtype}")
+    try:
+        return to_ndarray(proto)
+    except TypeError:  # a dtype the contract never answers with
+        raise BackendError(f"TensorFlow Serving returned {key} of unexpected dtype {proto.dtype}") from None
 
 
 def parse_explain_response(response: predict_pb2.PredictResponse, count: int, model_name: str) -> Explanation:

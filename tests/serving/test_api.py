@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from serving.app import create_app
-from serving.backends.base import ModelStatus, Prediction
+from serving.backends.base import Explanation, ModelStatus, Prediction
 from serving.config import Settings
 from tests.fixtures.gateway import free_port
 
@@ -40,7 +40,7 @@ def files(*items: tuple[bytes, str]) -> dict:
     return {"images": [(io.BytesIO(data), name) for data, name in items]}
 
 
-def assert_error(response, status: int, code: str) -> dict:  # noqa: ANN001 - TestResponse
+def assert_error(response, status: int, code: str) -> dict:  # response: a Flask TestResponse
     assert response.status_code == status, response.get_data(as_text=True)
     body = response.get_json()
     assert body["error"]["code"] == code
@@ -59,7 +59,7 @@ def strict_app(gateway_app: Flask) -> Flask:
 # -- successful answers -------------------------------------------------------------------------
 
 
-def test_predict_answers_every_image_in_order(gateway_client, exported_model) -> None:  # noqa: ANN001
+def test_predict_answers_every_image_in_order(gateway_client, exported_model) -> None:
     response = gateway_client.post(
         "/v1/predict?top_k=3", data=files((noise_png(1), "a.png"), (noise_png(2), "b.png"), (png(), "c.png"))
     )
@@ -80,7 +80,7 @@ def test_predict_answers_every_image_in_order(gateway_client, exported_model) ->
     assert len(set(rows)) == 3
 
 
-def test_raw_image_body_and_form_top_k(gateway_client) -> None:  # noqa: ANN001
+def test_raw_image_body_and_form_top_k(gateway_client) -> None:
     raw = gateway_client.post(
         "/v1/predict", data=png(), content_type="image/png", headers={"X-Filename": "red.png"}
     )
@@ -93,14 +93,14 @@ def test_raw_image_body_and_form_top_k(gateway_client) -> None:  # noqa: ANN001
     assert len(form.get_json()["predictions"][0]["top_k"]) == 2
 
 
-def test_models_describes_the_served_model(gateway_client, exported_model) -> None:  # noqa: ANN001
+def test_models_describes_the_served_model(gateway_client, exported_model) -> None:
     body = gateway_client.get("/v1/models").get_json()
     assert body["name"] == exported_model.name and body["version"] == exported_model.version
     assert body["class_names"] == list(exported_model.class_names)
     assert body["input_size"] == [32, 32, 3] and body["backend"] == "embedded"
 
 
-def test_health_and_readiness(gateway_client, exported_model) -> None:  # noqa: ANN001
+def test_health_and_readiness(gateway_client, exported_model) -> None:
     assert gateway_client.get("/healthz").status_code == 200
     ready = gateway_client.get("/readyz")
     assert ready.status_code == 200 and ready.get_json()["version"] == exported_model.version
@@ -108,7 +108,7 @@ def test_health_and_readiness(gateway_client, exported_model) -> None:  # noqa: 
 
 def test_real_photos_match_the_models_own_bytes_signature(
     gateway_client, exported_model, cifar_sample
-) -> None:  # noqa: ANN001
+) -> None:
     """The gateway's Pillow path and the SavedModel's in-graph decoding agree on real photos."""
     import tensorflow as tf
 
@@ -129,7 +129,7 @@ def test_real_photos_match_the_models_own_bytes_signature(
 # -- bad input ----------------------------------------------------------------------------------
 
 
-def test_no_file(gateway_client) -> None:  # noqa: ANN001
+def test_no_file(gateway_client) -> None:
     assert_error(
         gateway_client.post("/v1/predict", data={"top_k": "3"}, content_type="multipart/form-data"),
         400,
@@ -138,12 +138,12 @@ def test_no_file(gateway_client) -> None:  # noqa: ANN001
     assert_error(gateway_client.post("/v1/predict"), 400, "no_file")
 
 
-def test_empty_file(gateway_client) -> None:  # noqa: ANN001
+def test_empty_file(gateway_client) -> None:
     body = assert_error(gateway_client.post("/v1/predict", data=files((b"", "empty.png"))), 400, "empty_file")
     assert "empty.png" in body["error"]["message"]
 
 
-def test_not_an_image(gateway_client) -> None:  # noqa: ANN001
+def test_not_an_image(gateway_client) -> None:
     assert_error(
         gateway_client.post("/v1/predict", data=files((b"%PDF-1.4 not a picture" * 20, "doc.pdf"))),
         400,
@@ -151,7 +151,7 @@ def test_not_an_image(gateway_client) -> None:  # noqa: ANN001
     )
 
 
-def test_truncated_image(gateway_client) -> None:  # noqa: ANN001
+def test_truncated_image(gateway_client) -> None:
     data = noise_png(3, size=128)
     assert_error(
         gateway_client.post("/v1/predict", data=files((data[: len(data) // 2], "cut.png"))),
@@ -160,7 +160,7 @@ def test_truncated_image(gateway_client) -> None:  # noqa: ANN001
     )
 
 
-def test_unsupported_image_format(gateway_client) -> None:  # noqa: ANN001
+def test_unsupported_image_format(gateway_client) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, "TIFF")
     assert_error(
@@ -170,13 +170,13 @@ def test_unsupported_image_format(gateway_client) -> None:  # noqa: ANN001
     )
 
 
-def test_unsupported_content_type(gateway_client) -> None:  # noqa: ANN001
+def test_unsupported_content_type(gateway_client) -> None:
     response = gateway_client.post("/v1/predict", data='{"image": "..."}', content_type="application/json")
     assert_error(response, 415, "unsupported_media_type")
 
 
 @pytest.mark.parametrize("top_k", ["0", "-1", "three", "11"])
-def test_top_k_out_of_range(gateway_client, top_k: str) -> None:  # noqa: ANN001
+def test_top_k_out_of_range(gateway_client, top_k: str) -> None:
     assert_error(
         gateway_client.post(f"/v1/predict?top_k={top_k}", data=files((png(), "a.png"))), 400, "invalid_top_k"
     )
@@ -205,7 +205,7 @@ def test_size_limit_is_checked_before_the_body_is_read(strict_app: Flask) -> Non
         def readable(self) -> bool:
             return True
 
-        def readinto(self, buffer) -> int:  # noqa: ANN001
+        def readinto(self, buffer) -> int:
             Untouchable.read_bytes += len(buffer)
             raise AssertionError("the gateway read a body it should have refused")
 
@@ -218,7 +218,7 @@ def test_size_limit_is_checked_before_the_body_is_read(strict_app: Flask) -> Non
     assert Untouchable.read_bytes == 0
 
 
-def test_decompression_bomb_is_refused(gateway_client) -> None:  # noqa: ANN001
+def test_decompression_bomb_is_refused(gateway_client) -> None:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -235,7 +235,7 @@ def test_decompression_bomb_is_refused(gateway_client) -> None:  # noqa: ANN001
     assert time.perf_counter() - start < 1.0
 
 
-def test_unknown_route_is_json_404(gateway_client) -> None:  # noqa: ANN001
+def test_unknown_route_is_json_404(gateway_client) -> None:
     assert_error(gateway_client.get("/v1/nothing-here"), 404, "not_found")
     assert_error(gateway_client.get("/v1/predict"), 405, "method_not_allowed")
 
@@ -249,6 +249,9 @@ class ExplodingBackend:
     def predict(self, images: np.ndarray) -> Prediction:
         raise RuntimeError("secret internal detail at /srv/model")
 
+    def explain(self, images: np.ndarray, class_index: int | None = None) -> Explanation:
+        raise RuntimeError("secret internal detail at /srv/model")
+
     def status(self) -> ModelStatus:
         return ModelStatus(True, "m", 1, ("a",), "ok")
 
@@ -256,11 +259,12 @@ class ExplodingBackend:
         pass
 
 
-def test_unexpected_failure_is_a_500_without_details() -> None:
+@pytest.mark.parametrize("route", ["/v1/predict", "/v1/explain"])
+def test_unexpected_failure_is_a_500_without_details(route: str) -> None:
     response = (
         create_app(Settings(), backend=ExplodingBackend())
         .test_client()
-        .post("/v1/predict", data=files((png(), "a.png")))
+        .post(route, data=files((png(), "a.png")))
     )
     assert_error(response, 500, "internal_error")
     assert "secret" not in response.get_data(as_text=True)
@@ -284,7 +288,7 @@ def test_backend_down_is_503_with_retry_after_quickly() -> None:
 # -- documentation and metrics ------------------------------------------------------------------
 
 
-def test_openapi_documents_every_route(gateway_app: Flask, gateway_client) -> None:  # noqa: ANN001
+def test_openapi_documents_every_route(gateway_app: Flask, gateway_client) -> None:
     spec = gateway_client.get("/v1/openapi.json").get_json()
     assert gateway_client.get("/openapi.yaml").status_code == 200
     routes = {r.rule for r in gateway_app.url_map.iter_rules()} - {"/", "/static/<path:name>"}
@@ -304,7 +308,7 @@ def _sample(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def test_metrics_count_requests_errors_images_and_latency(gateway_client) -> None:  # noqa: ANN001
+def test_metrics_count_requests_errors_images_and_latency(gateway_client) -> None:
     before = gateway_client.get("/metrics").get_data(as_text=True)
     gateway_client.post("/v1/predict", data=files((png(), "a.png"), (png(), "b.png")))
     gateway_client.post("/v1/predict", data=files((b"", "e.png")))
@@ -321,7 +325,7 @@ def test_metrics_count_requests_errors_images_and_latency(gateway_client) -> Non
     assert delta("gateway_request_seconds_count", route="/v1/predict") == 2
 
 
-def test_models_says_what_the_version_was_trained_on(gateway_client, exported_model) -> None:  # noqa: ANN001
+def test_models_says_what_the_version_was_trained_on(gateway_client, exported_model) -> None:
     import json
 
     card = gateway_client.get("/v1/models").get_json()["model_card"]
@@ -331,7 +335,7 @@ def test_models_says_what_the_version_was_trained_on(gateway_client, exported_mo
     assert card["architecture"] and card["created_at"]
 
 
-def test_models_card_is_null_when_the_card_is_not_this_versions(exported_model, tmp_path) -> None:  # noqa: ANN001
+def test_models_card_is_null_when_the_card_is_not_this_versions(exported_model, tmp_path) -> None:
     """A base holding another model's card under the same path (a stale copy) must not be quoted."""
     from tests.fixtures.exported import copy_model_base
     from tests.fixtures.gateway import embedded_gateway

@@ -14,30 +14,18 @@ from PIL import Image
 from serving.app import create_app
 from serving.backends.base import BackendTimeout, BackendUnavailable
 from serving.backends.embedded import EmbeddedBackend
-from serving.backends.versions import latest_version
 from serving.config import Settings
 from tests.tfserving_double.tiny_model import write_tiny_model
 
 pytestmark = pytest.mark.slow  # saves and loads SavedModels
 
 
-def wait_for(condition, timeout_s: float = 30.0) -> None:  # noqa: ANN001 - () -> bool
+def wait_for(condition, timeout_s: float = 30.0) -> None:  # condition: () -> bool
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.05)
-
-
-def test_latest_version_skips_incomplete_and_hidden_directories(tmp_path: Path) -> None:
-    model_dir = tmp_path / "cifar10"
-    assert latest_version(model_dir) is None
-    for name in ("3", "10", ".tmp-11-123", "12", "abc"):
-        (model_dir / name).mkdir(parents=True)
-    for name in ("3", "10", ".tmp-11-123", "abc"):
-        (model_dir / name / "saved_model.pb").write_bytes(b"x")
-    # 12 has no saved_model.pb (still being written by a non-atomic publisher); .tmp-11 is staging.
-    assert latest_version(model_dir) == 10
 
 
 def test_serves_the_highest_version(tmp_path: Path) -> None:
@@ -87,7 +75,7 @@ def test_starts_on_the_newest_good_version_and_tries_a_broken_one_once(
     attempts: list[int] = []
     real_load = embedded.load_version
 
-    def counting_load(model_dir: Path, version: int, signature_name: str = "serving_default"):  # noqa: ANN202
+    def counting_load(model_dir: Path, version: int, signature_name: str = "serving_default"):
         attempts.append(version)
         return real_load(model_dir, version, signature_name)
 
@@ -166,7 +154,7 @@ def test_a_model_call_past_the_deadline_is_a_timeout_not_a_hang(tmp_path: Path) 
         fast = backend._current
         release = threading.Event()
 
-        def stuck_signature(**inputs):  # noqa: ANN003, ANN202 - stands in for an overloaded CPU
+        def stuck_signature(**inputs):  # stands in for an overloaded CPU
             release.wait(10)
             return fast.signature(**inputs)
 

@@ -71,7 +71,7 @@ def _form(encoded: list[bytes]) -> dict:
     return {"images": [(io.BytesIO(data), f"shape-{i}.png") for i, data in enumerate(encoded)]}
 
 
-def _post(client, path: str, encoded: list[bytes], query: str = ""):  # noqa: ANN001, ANN202
+def _post(client, path: str, encoded: list[bytes], query: str = ""):
     return client.post(f"{path}{query}", data=_form(encoded), content_type="multipart/form-data")
 
 
@@ -185,7 +185,7 @@ def test_bad_requests_get_the_same_errors_as_predict(gateway_client, shapes, nam
 
 
 @pytest.fixture(scope="module")
-def tfserving_explain_app(tfserving_double) -> Iterator[Flask]:  # noqa: ANN001
+def tfserving_explain_app(tfserving_double) -> Iterator[Flask]:
     from serving.app import create_app
     from serving.config import Settings
 
@@ -265,7 +265,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 @pytest.fixture(scope="module")
-def page_url(gateway_app) -> Iterator[str]:  # noqa: ANN001
+def page_url(gateway_app) -> Iterator[str]:
     from tests.fixtures.gateway import serve_in_thread
 
     with serve_in_thread(gateway_app) as url:

@@ -29,7 +29,7 @@ def predict_count(base_url: str) -> float:
     return 0.0
 
 
-def test_upload_real_photos_end_to_end(gateway_server: str, exported_model, cifar_sample) -> None:  # noqa: ANN001
+def test_upload_real_photos_end_to_end(gateway_server: str, exported_model, cifar_sample) -> None:
     sample = cifar_sample[:8]
     files = [("images", (path.name, path.read_bytes(), "image/png")) for path, _ in sample]
     response = requests.post(f"{gateway_server}/v1/predict", files=files, params={"top_k": 3}, timeout=30)

@@ -28,7 +28,7 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def page(gateway_server: str):  # noqa: ANN201 - playwright Page
+def page(gateway_server: str):  # yields a playwright Page
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -39,7 +39,7 @@ def page(gateway_server: str):  # noqa: ANN201 - playwright Page
         browser.close()
 
 
-def test_uploaded_images_get_probability_bars(page, exported_model, cifar_sample) -> None:  # noqa: ANN001
+def test_uploaded_images_get_probability_bars(page, exported_model, cifar_sample) -> None:
     from playwright.sync_api import expect
 
     expect(page.locator("#model-info")).to_contain_text(f"version {exported_model.version}")
@@ -65,7 +65,7 @@ def test_uploaded_images_get_probability_bars(page, exported_model, cifar_sample
     expect(page.locator("#status")).to_contain_text(f"version {exported_model.version}")
 
 
-def test_a_bad_file_shows_the_error_message(page, tmp_path: Path) -> None:  # noqa: ANN001
+def test_a_bad_file_shows_the_error_message(page, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
     not_an_image = tmp_path / "notes.png"
@@ -75,7 +75,7 @@ def test_a_bad_file_shows_the_error_message(page, tmp_path: Path) -> None:  # no
     expect(page.locator("#status")).to_have_class("error")
 
 
-def test_a_synthetic_demo_model_is_flagged(page) -> None:  # noqa: ANN001
+def test_a_synthetic_demo_model_is_flagged(page) -> None:
     from playwright.sync_api import expect
 
     page.goto(page.url)  # the session model was trained on synthetic shapes
@@ -83,7 +83,7 @@ def test_a_synthetic_demo_model_is_flagged(page) -> None:  # noqa: ANN001
     expect(page.locator("#model-warning")).to_contain_text("synthetic shapes, not CIFAR-10 photos")
 
 
-def test_a_model_trained_on_photos_carries_no_warning(page, exported_model, tmp_path: Path) -> None:  # noqa: ANN001
+def test_a_model_trained_on_photos_carries_no_warning(page, exported_model, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
     from tests.fixtures.exported import copy_model_base
