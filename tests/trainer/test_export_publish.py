@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from contract.signatures import WARMUP_PATH
+from contract.versions import published_versions
 from tests.tfserving_session import TFServingSession
 from trainer.export import cli
 from trainer.export.model_card import read_model_card
-from trainer.export.publish import HIGH_WATER_FILE, QualityGateError, publish, published_versions
-from trainer.export.warmup import WARMUP_FILENAME, read_warmup_file
+from trainer.export.publish import HIGH_WATER_FILE, QualityGateError, publish
+from trainer.export.warmup import read_warmup_file
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +64,7 @@ def test_published_version_is_complete_with_assets(exported_model):
     assert exported_model.version == 1
     assert (exported_model.path / "saved_model.pb").is_file()
     assert (exported_model.path / "variables" / "variables.index").is_file()
-    assert (exported_model.path / "assets.extra" / WARMUP_FILENAME).is_file()
+    assert (exported_model.path / WARMUP_PATH).is_file()
     # Only the version directory: no temporary left beside it.
     assert _entries(exported_model.base_path / exported_model.name) == ["1"]
 
@@ -82,7 +84,7 @@ def test_model_card_describes_the_model(exported_model):
     environment = card["training_environment"]  # the session fixture trains under TensorFlow on CPU
     assert environment["keras_backend"] == "tensorflow" and environment["device"] == "CPU"
     assert environment["keras_version"] and environment["backend_version"]
-    assert card["architecture"]
+    assert card["architecture"] == card["training_config"]["model"]["arch"]
     assert card["code_revision"] is None or len(card["code_revision"]) >= 40
     assert card["created_at"].endswith("+00:00")
     sigs = card["input_contract"]["signatures"]
@@ -90,10 +92,27 @@ def test_model_card_describes_the_model(exported_model):
     assert sigs["serving_bytes"]["inputs"]["image_bytes"]["dtype"] == "string"
 
 
+def test_model_card_architecture_is_the_runs_configured_arch(tmp_path):
+    """config.json as training writes it (Config.to_dict()) names the architecture; a run without
+    one falls back to the Keras model's name."""
+    from types import SimpleNamespace
+
+    from trainer.config import Config
+    from trainer.export.publish import _architecture
+
+    config = Config()
+    config.model.arch = "resnet9"
+    config.save(tmp_path / "config.json")
+    model = SimpleNamespace(name="functional")
+    assert _architecture(tmp_path, model) == "resnet9"
+    (tmp_path / "config.json").unlink()
+    assert _architecture(tmp_path, model) == "functional"
+
+
 def test_warmup_records_parse_and_run_through_the_serving_loader(exported_model, exported_session):
     import tensorflow as tf
 
-    records = read_warmup_file(exported_model.path / "assets.extra" / WARMUP_FILENAME)
+    records = read_warmup_file(exported_model.path / WARMUP_PATH)
     signatures = {r.predict_log.request.model_spec.signature_name for r in records}
     # The trained CNN has a conv block, so its Grad-CAM signatures are warmed too.
     assert signatures == {"serving_default", "serving_bytes", "explain", "explain_bytes"}
@@ -115,7 +134,7 @@ def test_next_export_gets_the_next_version_and_cli_prints_its_path(exported_mode
     code = cli.main(["--run-dir", str(exported_model.run_dir), "--model-base", str(base)])
     assert code == 0
     assert capsys.readouterr().out.strip() == str(base / "cifar10" / "2")
-    assert published_versions(base / "cifar10") == [1, 2]
+    assert published_versions(base / "cifar10") == [2, 1]  # newest first
     assert (base / "cifar10" / "1" / "saved_model.pb").read_bytes() == before  # untouched
     assert read_model_card(base / "cifar10" / "2")["version"] == 2
 
@@ -271,5 +290,5 @@ def test_version_numbers_only_grow_even_after_the_newest_is_removed(exported_mod
     shutil.rmtree(second)
     third = publish(exported_model.run_dir, base, "cifar10")
     assert third.name == "3"
-    assert published_versions(base / "cifar10") == [1, 3]
+    assert published_versions(base / "cifar10") == [3, 1]  # newest first
     assert (base / "cifar10" / HIGH_WATER_FILE).read_text().strip() == "3"

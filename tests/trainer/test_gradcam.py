@@ -138,10 +138,10 @@ def test_heatmap_concentrates_on_the_shape_that_carries_the_class(session, synth
 def test_every_architecture_names_its_last_conv_block_for_gradcam():
     from trainer.export.gradcam import LAST_CONV_LAYER, find_last_conv_layer
     from trainer.models import LAST_CONV_LAYER as MODELS_LAST_CONV
-    from trainer.models import available_architectures, build_model
+    from trainer.models import build_model, gradcam_architectures
 
     assert LAST_CONV_LAYER == MODELS_LAST_CONV
-    for arch in available_architectures():
+    for arch in gradcam_architectures():  # every architecture with a convolution
         model = build_model(arch, num_classes=3, mean=[120.0] * 3, std=[60.0] * 3, width=4)
         layer = find_last_conv_layer(model)
         assert layer is not None and layer.name == LAST_CONV_LAYER, arch
@@ -198,3 +198,15 @@ def test_gradients_reproduce_cam_for_a_global_average_pooled_linear_head(
     peak = cam.max(axis=(1, 2), keepdims=True)
     expected = np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0)
     np.testing.assert_allclose(out["heatmap"], expected, atol=1e-4)
+
+
+def test_a_model_without_convolutions_has_nothing_to_explain() -> None:
+    from trainer.export.gradcam import find_last_conv_layer
+    from trainer.models import build_model
+
+    # mlp's only 4-D layers are the normalize/augment stem: a "heatmap" there would be meaningless.
+    mlp = build_model("mlp", num_classes=10, mean=[120.0] * 3, std=[60.0] * 3, width=16,
+                      augmentation={"translate": 2, "cutout": 4, "flip": True})
+    assert find_last_conv_layer(mlp) is None
+    nin = build_model("nin", num_classes=10, mean=[120.0] * 3, std=[60.0] * 3, width=8)
+    assert find_last_conv_layer(nin).name == "last_conv"

@@ -10,37 +10,59 @@ trainer/models), y = the class score before the softmax; channel weights = spati
 map = ReLU(sum_k w_k A_k), bilinearly upsampled to 32x32 and divided by its per-image maximum
 (all zeros when nothing supports the class). The gradient comes from tf.GradientTape at trace
 time, so the SavedModel holds plain gradient ops and runs in a tf.compat.v1 Session like the rest.
+
+Test-time augmentation (export --tta flip, trainer/export/tta.py): `probabilities` are averaged with
+the mirrored image's exactly as in serving_default, so the signatures agree on the scores and on the
+top class (`class_index` -1); the heatmap still explains that class on the image as given, not on
+its mirror, so it lines up with the picture the caller sent.
 """
 
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from trainer.export.savedmodel import INPUT_SIZE
+from contract.signatures import (
+    CHANNELS,
+    CLASS_INDEX_KEY,
+    CLASSES_KEY,
+    EXPLAIN,
+    EXPLAIN_BYTES,
+    EXPLAINED_CLASS_KEY,
+    HEATMAP_KEY,
+    IMAGE_BYTES_KEY,
+    IMAGES_KEY,
+    INPUT_SIZE,
+    PROBABILITIES_KEY,
+    TOP_CLASS,
+)
+from trainer.export.graph_image.decode import decode_and_resize_batch
+from trainer.export.tta import NONE, averaged_probabilities
+from trainer.models import LAST_CONV_LAYER
 
-EXPLAIN = "explain"
-EXPLAIN_BYTES = "explain_bytes"
-CLASS_INDEX_KEY = "class_index"
-HEATMAP_KEY = "heatmap"
-EXPLAINED_CLASS_KEY = "explained_class"
-TOP_CLASS = -1  # class_index value meaning "explain the predicted class"
-LAST_CONV_LAYER = "last_conv"  # must equal trainer.models.LAST_CONV_LAYER (not imported: no cycle)
 SOFTMAX_LAYER = "probabilities"  # the head's softmax Activation in trainer/models/common.py
+
+
+_CONV_LAYERS = (keras.layers.Conv2D, keras.layers.SeparableConv2D, keras.layers.DepthwiseConv2D)
 
 
 def find_last_conv_layer(model: keras.Model) -> keras.layers.Layer | None:
     """The layer whose activations Grad-CAM weighs: LAST_CONV_LAYER when the model names one,
-    else the last layer with a 4-D (spatial) output; None for a model without spatial features."""
+    else the last layer with a 4-D (spatial) output at or after the last convolution; None for a
+    model without convolutional features (an MLP: its only 4-D layers are the input stem's, whose
+    "heatmap" would be the pixels' own gradient, not what the classifier looked at)."""
     try:
         return model.get_layer(LAST_CONV_LAYER)
     except ValueError:
         pass
-    for layer in reversed(model.layers):
+    layers = list(model.layers)
+    convs = [i for i, layer in enumerate(layers) if isinstance(layer, _CONV_LAYERS)]
+    if not convs:
+        return None
+    for layer in reversed(layers[convs[-1]:]):
         output = getattr(layer, "output", None)
-        if isinstance(layer, keras.layers.InputLayer) or output is None:
-            continue
-        if len(getattr(output, "shape", ())) == 4:
+        if output is not None and len(getattr(output, "shape", ())) == 4:
             return layer
     return None
 
@@ -58,9 +80,10 @@ def _score_tensor(model: keras.Model) -> tuple[keras.KerasTensor, bool]:
 
 
 class GradCAM:
-    """Callable: (images float32 [N,32,32,3] 0..255, class_index int32 [N]) -> explain outputs."""
+    """Callable: (images float32 [N,32,32,3] 0..255, class_index int32 [N]) -> explain outputs;
+    `tta` (trainer/export/tta.py) averages the probabilities as serving_default does."""
 
-    def __init__(self, model: keras.Model) -> None:
+    def __init__(self, model: keras.Model, tta: str = NONE) -> None:
         conv = find_last_conv_layer(model)
         if conv is None:
             raise ValueError(
@@ -69,6 +92,8 @@ class GradCAM:
             )
         score, self._is_logits = _score_tensor(model)
         self.conv_layer_name = conv.name
+        self._base = model
+        self._tta = tta
         # One functional model sharing the trained layers (and their variables) that exposes the
         # conv activations alongside the scores, so one forward pass gives both.
         self._model = keras.Model(model.inputs, [conv.output, score, model.outputs[0]])
@@ -81,26 +106,9 @@ class GradCAM:
             activations, score, probabilities = self._model(images, training=False)
             score = tf.cast(score, tf.float32)  # mixed precision: scores and weights in float32
             probabilities = tf.cast(probabilities, tf.float32)
-            num_classes = tf.shape(probabilities)[1]
-            # The checks guard the gather below; in a graph, ops with no data or control edge
-            # between them may run in any order, so the index is routed through the checks.
-            checks = [
-                tf.debugging.assert_equal(
-                    tf.shape(class_index)[0],
-                    tf.shape(images)[0],
-                    message="class_index must have one entry per image (use -1 for the top class)",
-                ),
-                tf.debugging.assert_greater_equal(
-                    class_index,
-                    TOP_CLASS,
-                    message="class_index must be -1 (top class) or a class index >= 0",
-                ),
-                tf.debugging.assert_less(
-                    class_index, num_classes, message="class_index must be below the number of classes"
-                ),
-            ]
-            with tf.control_dependencies([check for check in checks if check is not None]):
-                class_index = tf.identity(class_index)
+            with tape.stop_recording():  # the mirrored view only scores; its pass needs no gradient
+                probabilities = averaged_probabilities(probabilities, self._predict, images, self._tta)
+            class_index = _checked_class_index(class_index, tf.shape(images)[0], tf.shape(probabilities)[1])
             top = tf.argmax(probabilities, axis=1, output_type=tf.int32)
             explained = tf.where(class_index == TOP_CLASS, top, class_index)
             if not self._is_logits:
@@ -112,7 +120,36 @@ class GradCAM:
         grads = tf.cast(tape.gradient(total, activations), tf.float32)
         activations = tf.cast(activations, tf.float32)
         heatmap = _cam(activations, grads)
-        return {EXPLAINED_CLASS_KEY: explained, HEATMAP_KEY: heatmap, "probabilities": probabilities}
+        return {EXPLAINED_CLASS_KEY: explained, HEATMAP_KEY: heatmap, PROBABILITIES_KEY: probabilities}
+
+    def _predict(self, images: tf.Tensor) -> tf.Tensor:
+        # The same call serving_default makes, so both signatures' averaged probabilities agree.
+        return tf.cast(self._base(images, training=False), tf.float32)
+
+
+def _checked_class_index(class_index: tf.Tensor, count: tf.Tensor, num_classes: tf.Tensor) -> tf.Tensor:
+    """`class_index`, once checked to hold one entry per image, each TOP_CLASS or a class index.
+
+    The checks guard the gather that follows; in a graph, ops with no data or control edge between
+    them may run in any order, so the index is routed through the checks.
+    """
+    checks = [
+        tf.debugging.assert_equal(
+            tf.shape(class_index)[0],
+            count,
+            message="class_index must have one entry per image (use -1 for the top class)",
+        ),
+        tf.debugging.assert_greater_equal(
+            class_index,
+            TOP_CLASS,
+            message="class_index must be -1 (top class) or a class index >= 0",
+        ),
+        tf.debugging.assert_less(
+            class_index, num_classes, message="class_index must be below the number of classes"
+        ),
+    ]
+    with tf.control_dependencies([check for check in checks if check is not None]):
+        return tf.identity(class_index)
 
 
 def _cam(activations: tf.Tensor, grads: tf.Tensor) -> tf.Tensor:
@@ -127,18 +164,16 @@ def _cam(activations: tf.Tensor, grads: tf.Tensor) -> tf.Tensor:
 
 
 def add_explain_endpoints(
-    archive: keras.export.ExportArchive, model: keras.Model, class_names: tf.Tensor
+    archive: keras.export.ExportArchive, model: keras.Model, class_names: tf.Tensor, tta: str = NONE
 ) -> bool:
     """Register `explain` and `explain_bytes` on `archive` (which already tracks `model`).
 
     Returns False, registering nothing, for a model without a spatial layer to explain from, so
     such models still export with the two contracted signatures.
     """
-    from trainer.export.savedmodel import CLASSES_KEY, IMAGE_BYTES_KEY, IMAGES_KEY, decode_and_resize
-
     if find_last_conv_layer(model) is None:
         return False
-    cam = GradCAM(model)
+    cam = GradCAM(model, tta)
 
     def outputs(images: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
         out = cam(images, class_index)
@@ -149,19 +184,14 @@ def add_explain_endpoints(
         return outputs(images, class_index)
 
     def explain_bytes(image_bytes: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
-        images = tf.map_fn(
-            decode_and_resize,
-            image_bytes,
-            fn_output_signature=tf.TensorSpec([INPUT_SIZE, INPUT_SIZE, 3], tf.float32),
-        )
-        return outputs(images, class_index)
+        return outputs(decode_and_resize_batch(image_bytes), class_index)
 
     class_spec = tf.TensorSpec([None], tf.int32, name=CLASS_INDEX_KEY)
     archive.add_endpoint(
         EXPLAIN,
         explain,
         input_signature=[
-            tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.float32, name=IMAGES_KEY),
+            tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, CHANNELS], tf.float32, name=IMAGES_KEY),
             class_spec,
         ],
     )
@@ -177,18 +207,20 @@ def verify_explain(
     loaded: object, pixels: tf.Tensor, expected_probabilities: object, atol: float
 ) -> str | None:
     """Problem with a reloaded SavedModel's `explain` signature, or None when it is sound: its
-    probabilities must equal the Keras model's and its heatmaps be finite, in 0..1, [N, 32, 32]."""
-    import numpy as np
-
+    probabilities must equal the Keras model's (averaged as the export's --tta asks, like
+    `expected_probabilities`) and its heatmaps be finite, in 0..1, [N, 32, 32]."""
     signatures = loaded.signatures  # type: ignore[attr-defined]
     if EXPLAIN not in signatures:
         return None
     count = int(pixels.shape[0])
-    out = signatures[EXPLAIN](images=pixels, class_index=tf.fill([count], TOP_CLASS))
-    difference = float(np.max(np.abs(out["probabilities"].numpy() - np.asarray(expected_probabilities))))
+    out = signatures[EXPLAIN](**{IMAGES_KEY: pixels, CLASS_INDEX_KEY: tf.fill([count], TOP_CLASS)})
+    difference = float(np.max(np.abs(out[PROBABILITIES_KEY].numpy() - np.asarray(expected_probabilities))))
     if difference > atol:
         return f"explain probabilities differ from the Keras model by {difference:.2e} (> {atol:.0e})"
-    heatmap = out[HEATMAP_KEY].numpy()
+    return _heatmap_problem(out[HEATMAP_KEY].numpy(), count)
+
+
+def _heatmap_problem(heatmap: np.ndarray, count: int) -> str | None:
     if heatmap.shape != (count, INPUT_SIZE, INPUT_SIZE) or not np.all(np.isfinite(heatmap)):
         return f"explain heatmaps have shape {heatmap.shape} or non-finite values"
     if heatmap.min() < 0.0 or heatmap.max() > 1.0:

@@ -1,24 +1,29 @@
-"""assets.extra/model_card.json: what this model version is, where it came from, how to call it."""
+"""The model card, <version>/assets.extra/model_card.json (MODEL_CARD_PATH): what this model version is,
+where it came from, how to call it."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from trainer.export.savedmodel import (
+from contract.signatures import (
+    CHANNELS,
     CLASSES_KEY,
     IMAGE_BYTES_KEY,
     IMAGES_KEY,
     INPUT_SIZE,
+    MAX_SIDE,
+    MODEL_CARD_PATH,
     PROBABILITIES_KEY,
     SERVING_BYTES,
     SERVING_DEFAULT,
 )
+from trainer.export.tta import FLIP, MODEL_EVALUATIONS, NONE, check
 
-MODEL_CARD_FILENAME = "model_card.json"
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 INPUT_CONTRACT: dict[str, Any] = {
@@ -28,7 +33,7 @@ INPUT_CONTRACT: dict[str, Any] = {
             "inputs": {
                 IMAGES_KEY: {
                     "dtype": "float32",
-                    "shape": [-1, INPUT_SIZE, INPUT_SIZE, 3],
+                    "shape": [-1, INPUT_SIZE, INPUT_SIZE, CHANNELS],
                     "meaning": "RGB pixel values 0..255; normalization is inside the model",
                 }
             },
@@ -43,8 +48,8 @@ INPUT_CONTRACT: dict[str, Any] = {
             },
             "preprocessing": "decode to RGB (first GIF frame; JPEG with libjpeg's accurate integer IDCT "
             "and turned upright by its EXIF Orientation; transparency composited on white), then "
-            "Pillow 13's BILINEAR resize to 32x32 reproduced bit for bit (serving/preprocess.py); "
-            "a side over 65535 pixels is refused",
+            "Pillow 13's BILINEAR resize to 32x32 reproduced bit for bit (contract/preprocess.py); "
+            f"a side over {MAX_SIDE} pixels is refused",
         },
     },
     "outputs": {
@@ -56,6 +61,21 @@ INPUT_CONTRACT: dict[str, Any] = {
         },
     },
 }
+
+
+# What `probabilities` means per --tta (trainer/export/tta.py).
+_PROBABILITIES_MEANING = {
+    NONE: "softmax",
+    FLIP: "mean of the softmax on the image and on its horizontal mirror (test-time flip augmentation: "
+    "twice the model's compute per image)",
+}
+
+
+def input_contract(tta: str = NONE) -> dict[str, Any]:
+    """INPUT_CONTRACT with the `probabilities` output described for `tta`."""
+    contract = copy.deepcopy(INPUT_CONTRACT)
+    contract["outputs"][PROBABILITIES_KEY]["meaning"] = _PROBABILITIES_MEANING[check(tta)]
+    return contract
 
 
 def code_revision() -> str | None:
@@ -78,9 +98,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def build_model_card(run_dir: Path, model_name: str, version: int, architecture: str) -> dict[str, Any]:
+def build_model_card(
+    run_dir: Path, model_name: str, version: int, architecture: str, tta: str = NONE
+) -> dict[str, Any]:
     """Collect the card from the run directory's dataset.json, config.json, metrics.json and
-    environment.json (absent in runs from before it existed: then null)."""
+    environment.json (absent in runs from before it existed: then null); `tta` is the export's
+    --tta, which the card records with its cost."""
     dataset = _read_json(run_dir / "dataset.json")
     config = _read_json(run_dir / "config.json")
     metrics = _read_json(run_dir / "metrics.json")
@@ -91,6 +114,10 @@ def build_model_card(run_dir: Path, model_name: str, version: int, architecture:
         "code_revision": code_revision(),
         "run_dir": str(run_dir.resolve()),
         "architecture": architecture,
+        # Serving cost and which accuracy applies: with flip the served scores are the averaged ones
+        # (metrics.test_accuracy_flip_tta); warmup requests are the same either way.
+        "test_time_augmentation": check(tta),
+        "model_evaluations_per_image": MODEL_EVALUATIONS[tta],
         "dataset": {
             "name": dataset.get("name"),
             "source": dataset.get("source"),
@@ -108,20 +135,22 @@ def build_model_card(run_dir: Path, model_name: str, version: int, architecture:
         "metrics": {
             "test_accuracy": metrics.get("test_accuracy"),
             "test_loss": metrics.get("test_loss"),
+            "test_accuracy_flip_tta": metrics.get("test_accuracy_flip_tta"),
             "per_class": metrics.get("per_class", {}),
         },
         "training_config": config,
         "training_environment": _read_json(run_dir / "environment.json") or None,
-        "input_contract": INPUT_CONTRACT,
+        "input_contract": input_contract(tta),
     }
 
 
-def write_model_card(assets_extra: Path, card: dict[str, Any]) -> Path:
-    assets_extra.mkdir(parents=True, exist_ok=True)
-    path = assets_extra / MODEL_CARD_FILENAME
+def write_model_card(version_dir: Path, card: dict[str, Any]) -> Path:
+    """Write `card` at `version_dir`/MODEL_CARD_PATH (folders created if missing); returns its path."""
+    path = version_dir / MODEL_CARD_PATH
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
     return path
 
 
 def read_model_card(version_dir: Path) -> dict[str, Any]:
-    return json.loads((version_dir / "assets.extra" / MODEL_CARD_FILENAME).read_text())
+    return json.loads((version_dir / MODEL_CARD_PATH).read_text())

@@ -13,10 +13,16 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import keras
+
+import trainer.models  # noqa: F401 - registers the project's custom layers, so load_model reads them
+from contract.versions import published_versions, version_directories
 from trainer.export.gradcam import find_last_conv_layer
 from trainer.export.model_card import build_model_card, read_model_card, write_model_card
 from trainer.export.savedmodel import export_savedmodel, verify_export
+from trainer.export.tta import NONE, check
 from trainer.export.warmup import write_warmup_file
 
 TMP_PREFIX = ".tmp-"
@@ -62,15 +68,6 @@ def read_run_dir(run_dir: Path) -> RunArtifacts:
     )
 
 
-def published_versions(model_dir: Path) -> list[int]:
-    """Complete versions under model_dir (all-digit names, as TF Serving sees them), ascending."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(
-        int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0
-    )
-
-
 def check_quality_gate(
     candidate_accuracy: float | None,
     model_dir: Path,
@@ -90,9 +87,9 @@ def check_quality_gate(
             f"test accuracy {candidate_accuracy:.4f} is below --min-accuracy {min_accuracy:.4f}; "
             "not published"
         )
-    versions = published_versions(model_dir)
+    versions = published_versions(model_dir)  # newest first; the served one holds a saved_model.pb
     if max_regression is not None and versions:
-        newest = versions[-1]
+        newest = versions[0]
         try:
             served = read_model_card(model_dir / str(newest))["metrics"]["test_accuracy"]
         except (OSError, KeyError, ValueError):
@@ -132,8 +129,8 @@ def prune_versions(model_dir: Path, keep: int) -> list[int]:
     """Remove the oldest versions beyond `keep` (>= 1, so the newest always stays); returns those removed."""
     if keep < 1:
         raise ValueError(f"--keep must be at least 1 (got {keep}); the newest version is never removed")
-    versions = published_versions(model_dir)
-    doomed = versions[:-keep] if len(versions) > keep else []
+    # Complete versions only: a broken version-named directory must not take the place of one that serves.
+    doomed = sorted(published_versions(model_dir)[keep:])  # oldest first
     for version in doomed:
         # Rename first so the server sees the version vanish at once, not file by file.
         trash = model_dir / f"{TRASH_PREFIX}{version}-{os.getpid()}"
@@ -150,35 +147,30 @@ def publish(
     min_accuracy: float | None = None,
     max_regression: float | None = None,
     keep: int | None = None,
+    tta: str = NONE,
 ) -> Path:
-    """Export RUN_DIR/model.keras as MODEL_BASE/<model_name>/<max existing + 1>/ and return that path."""
-    import keras
+    """Export RUN_DIR/model.keras as MODEL_BASE/<model_name>/<max existing + 1>/ and return that path.
 
-    import trainer.models  # noqa: F401  (registers the project's custom layers for deserialization)
-
+    `tta="flip"` builds test-time flip augmentation into the signatures (trainer/export/tta.py).
+    """
     run_dir, model_base = Path(run_dir), Path(model_base)
     if not model_name or "/" in model_name or model_name.startswith("."):
         raise ValueError(f"invalid --model-name {model_name!r}: use a plain directory name such as 'cifar10'")
     if keep is not None and keep < 1:
         raise ValueError(f"--keep must be at least 1 (got {keep}); the newest version is never removed")
+    check(tta)
     run = read_run_dir(run_dir)
     model_dir = model_base / model_name
     check_quality_gate(run.test_accuracy, model_dir, min_accuracy=min_accuracy, max_regression=max_regression)
 
     model_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(model_dir)
-    version = max(published_versions(model_dir)[-1:] + [read_high_water(model_dir)]) + 1
+    # Every version-named directory counts, complete or not: its number is taken (TF Serving sees it).
+    version = max(version_directories(model_dir)[:1] + [read_high_water(model_dir)]) + 1
     tmp = model_dir / f"{TMP_PREFIX}{version}-{os.getpid()}"
     final = model_dir / str(version)
     try:
-        model = keras.saving.load_model(run.model_path, compile=False)
-        export_savedmodel(model, run.class_names, tmp)
-        verify_export(model, run.class_names, tmp)
-        assets_extra = tmp / "assets.extra"
-        write_warmup_file(assets_extra, model_name, explain=find_last_conv_layer(model) is not None)
-        write_model_card(
-            assets_extra, build_model_card(run_dir, model_name, version, _architecture(run_dir, model))
-        )
+        _write_version(tmp, run, run_dir, model_name, version, tta)
         _fsync_tree(tmp)  # the files must be on disk before the rename makes them visible
         _rename_no_overwrite(tmp, final)
         write_high_water(model_dir, version)
@@ -188,6 +180,20 @@ def publish(
     if keep is not None:
         prune_versions(model_dir, keep)
     return final
+
+
+def _write_version(
+    tmp: Path, run: RunArtifacts, run_dir: Path, model_name: str, version: int, tta: str
+) -> None:
+    """Export, verify and describe the run's model in `tmp`, the version directory still hidden from
+    TF Serving: SavedModel, warmup requests, model card."""
+    model = keras.saving.load_model(run.model_path, compile=False)
+    export_savedmodel(model, run.class_names, tmp, tta=tta)
+    verify_export(model, run.class_names, tmp, tta=tta)
+    # Warmup requests are the same either way: they only feed inputs, whatever the graph does with them.
+    write_warmup_file(tmp, model_name, explain=find_last_conv_layer(model) is not None)
+    card = build_model_card(run_dir, model_name, version, _architecture(run_dir, model), tta=tta)
+    write_model_card(tmp, card)
 
 
 def read_high_water(model_dir: Path) -> int:
@@ -236,10 +242,11 @@ def _rename_no_overwrite(tmp: Path, final: Path) -> None:
         os.close(fd)
 
 
-def _architecture(run_dir: Path, model: object) -> str:
+def _architecture(run_dir: Path, model: keras.Model) -> str:
+    """The architecture the run trained (config.json's model.arch, as trainer/config.py writes it);
+    the Keras model's name for a run without one."""
     config_path = run_dir / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    for key in ("arch", "architecture", "model"):
-        if isinstance(config.get(key), str):
-            return config[key]
-    return str(getattr(model, "name", "unknown"))
+    config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    model_section = config.get("model")
+    arch = model_section.get("arch") if isinstance(model_section, dict) else None
+    return arch if isinstance(arch, str) else str(getattr(model, "name", "unknown"))

@@ -1,4 +1,4 @@
-"""TensorFlow Serving warmup records: assets.extra/tf_serving_warmup_requests.
+"""TensorFlow Serving warmup records: <version>/assets.extra/tf_serving_warmup_requests (WARMUP_PATH).
 
 TF Serving replays these PredictionLog records against a freshly loaded version before it marks the
 version AVAILABLE, so the first real request after a rollout does not pay for graph initialization.
@@ -14,10 +14,20 @@ import tensorflow as tf
 from PIL import Image
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-from trainer.export.gradcam import CLASS_INDEX_KEY, EXPLAIN, EXPLAIN_BYTES, TOP_CLASS
-from trainer.export.savedmodel import IMAGE_BYTES_KEY, IMAGES_KEY, INPUT_SIZE, SERVING_BYTES, SERVING_DEFAULT
+from contract.signatures import (
+    CHANNELS,
+    CLASS_INDEX_KEY,
+    EXPLAIN,
+    EXPLAIN_BYTES,
+    IMAGE_BYTES_KEY,
+    IMAGES_KEY,
+    INPUT_SIZE,
+    SERVING_BYTES,
+    SERVING_DEFAULT,
+    TOP_CLASS,
+    WARMUP_PATH,
+)
 
-WARMUP_FILENAME = "tf_serving_warmup_requests"  # the name TF Serving looks for in assets.extra/
 # Batch sizes to warm: 1 (interactive) and a small batch, so both code paths get initialized.
 WARMUP_BATCH_SIZES = (1, 4)
 
@@ -45,7 +55,7 @@ def build_requests(
         requests.append(request)
 
     for batch in WARMUP_BATCH_SIZES:
-        pixels = rng.integers(0, 256, size=(batch, INPUT_SIZE, INPUT_SIZE, 3)).astype(np.float32)
+        pixels = rng.integers(0, 256, size=(batch, INPUT_SIZE, INPUT_SIZE, CHANNELS)).astype(np.float32)
         # Larger than 32x32 and in two formats, so decode (both branches) and resize are warmed too.
         big = rng.integers(0, 256, size=(batch, 48, 64, 3), dtype=np.uint8)
         encoded = np.array(
@@ -60,10 +70,11 @@ def build_requests(
     return requests
 
 
-def write_warmup_file(assets_extra: Path, model_name: str, *, explain: bool = False) -> Path:
-    """Write the warmup TFRecord into `assets_extra` (created if missing); returns its path."""
-    assets_extra.mkdir(parents=True, exist_ok=True)
-    path = assets_extra / WARMUP_FILENAME
+def write_warmup_file(version_dir: Path, model_name: str, *, explain: bool = False) -> Path:
+    """Write the warmup TFRecord at `version_dir`/WARMUP_PATH (folders created if missing); returns its
+    path."""
+    path = version_dir / WARMUP_PATH
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tf.io.TFRecordWriter(str(path)) as writer:
         for request in build_requests(model_name, explain=explain):
             log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
