@@ -3,7 +3,6 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/quick
 MODEL_BASE ?= models
 MODEL_NAME ?= cifar10
@@ -11,43 +10,69 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 PYTEST_ARGS ?=
 
+# One stamp per install set, so each target installs only what it runs: `make serve` the base
+# dependencies (training, export, serving), `make test` adds the test tools and the jax and load
+# extras. Each stamp depends on pyproject.toml, so changed dependencies reinstall.
+BASE_STAMP := $(VENV)/.installed-base
+TEST_STAMP := $(VENV)/.installed-test
+LOAD_STAMP := $(VENV)/.installed-load
+BENCH_STAMP := $(VENV)/.installed-bench
+
 export KERAS_BACKEND ?= tensorflow
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv serve test lint bench bench-train bench-serve loadtest clean
+.PHONY: venv serve test lint bench bench-train bench-small-data bench-serve loadtest clean
 
-venv: $(STAMP)
+# A development environment: everything the test suite needs.
+venv: $(TEST_STAMP)
 
-$(STAMP): pyproject.toml
+$(BASE_STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
-	@touch $(STAMP)
+	$(PY) -m pip install -q -e .
+	@touch $@
 
-serve: $(STAMP)
+# Extras install on top of the base (pip keeps what is already there).
+$(TEST_STAMP): $(BASE_STAMP)
+	$(PY) -m pip install -q -e '.[test,jax,load]'
+	@touch $@
+
+$(LOAD_STAMP): $(BASE_STAMP)
+	$(PY) -m pip install -q -e '.[load]'
+	@touch $@
+
+$(BENCH_STAMP): $(BASE_STAMP)
+	$(PY) -m pip install -q -e '.[load]'
+	@touch $@
+
+serve: $(BASE_STAMP)
 	@RUN_DIR=$(RUN_DIR) MODEL_BASE=$(MODEL_BASE) MODEL_NAME=$(MODEL_NAME) HOST=$(HOST) PORT=$(PORT) \
 		PY=$(PY) bash scripts/serve.sh
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	@bash scripts/ensure-chromium.sh
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Each benchmark writes its JSON to benchmarks/results/; the report turns them into docs/benchmarks.md.
-bench: bench-train bench-serve
+bench: bench-train bench-small-data bench-serve
 	$(PY) -m benchmarks.report
 
-bench-train: $(STAMP)
+bench-train: $(BENCH_STAMP)
 	$(PY) -m benchmarks.train_throughput --out benchmarks/results/train_throughput.json
 
-bench-serve: $(STAMP)
+# Our trainer with default flags vs a seed tutorial CNN on small real data (scikit-learn's digits).
+bench-small-data: $(BENCH_STAMP)
+	$(PY) -m benchmarks.small_data --out benchmarks/results/small_data.json
+
+bench-serve: $(BENCH_STAMP)
 	$(PY) -m benchmarks.serving_latency --out benchmarks/results/serving_latency.json
 
-loadtest: $(STAMP)
-	$(PY) -m tests.load.run
+loadtest: $(LOAD_STAMP)
+	$(PY) -m loadtest.run
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

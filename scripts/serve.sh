@@ -15,6 +15,32 @@ HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-8080}
 DATASET=${DATASET:-cifar10}
 TRAIN_CONFIG=${TRAIN_CONFIG:-configs/quick.yaml}
+export KERAS_BACKEND=${KERAS_BACKEND:-tensorflow}
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}  # TensorFlow's C++ INFO and WARNING lines
+
+has_nvidia_gpu() {
+  # A driver, a device node, or an NVIDIA card on the PCI bus (vendor 0x10de), even one without a
+  # working driver: then TensorFlow's CUDA messages may be the only sign of what is wrong.
+  [ -e /proc/driver/nvidia/version ] || compgen -G '/dev/nvidia[0-9]*' >/dev/null \
+    || grep -qsx 0x10de /sys/bus/pci/devices/*/vendor
+}
+
+drop_cpu_cuda_noise() {
+  # Every TensorFlow process (train, export, each gateway worker) logs at import that it found no
+  # CUDA driver, through absl before any log level applies (TF_CPP_MIN_LOG_LEVEL does not reach
+  # these). On a machine with no NVIDIA GPU that is noise: drop exactly those lines, nothing else.
+  # INT and TERM are ignored so that Ctrl-C or a stop signal lets the gateway's shutdown lines through;
+  # the filter ends when the last process writing to it does.
+  trap '' INT TERM
+  grep --line-buffered -Ev \
+    -e '^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$' \
+    -e '\] Could not find cuda drivers on your machine, GPU will not be used\.$' \
+    -e '\] failed call to cuInit: '
+}
+
+if ! has_nvidia_gpu; then
+  exec 2> >(drop_cpu_cuda_noise >&2)
+fi
 
 step() { STEP_NAME=$1; STEP_START=$(date +%s); echo "==> $1"; }
 done_step() { echo "    done: $STEP_NAME in $(( $(date +%s) - STEP_START ))s"; }

@@ -82,7 +82,7 @@ def test_gateway_healthcheck_script_reports_health(tmp_path: Path) -> None:
     status = {"code": 200}
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self.send_response(status["code"] if self.path == "/healthz" else 404)
             self.end_headers()
 

@@ -41,7 +41,7 @@ class _Server:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's hook name
+            def do_GET(self) -> None:
                 owner.paths.append(self.path)
                 code, body = owner.answer
                 self.send_response(code)

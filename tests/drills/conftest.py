@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from loadtest.gateway_process import GatewayProcess, running_gateway
 from tests.fixtures.exported import ExportedModel
-from tests.load.gateway_process import GatewayProcess, running_gateway
 
 POLL_INTERVAL_S = 0.3
 DEADLINE_S = 1.5

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from loadtest.gateway_process import wait_until
 from tests.drills.conftest import POLL_INTERVAL_S, EmbeddedDrillGateway
 from tests.drills.traffic import Traffic
-from tests.load.gateway_process import wait_until
 
 pytestmark = [pytest.mark.drill, pytest.mark.slow]
 

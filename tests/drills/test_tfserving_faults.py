@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from loadtest.gateway_process import wait_until
 from tests.drills.conftest import DEADLINE_S, TFServingDrillGateway
 from tests.drills.traffic import Traffic, predict_once, small_png
-from tests.load.gateway_process import wait_until
 
 pytestmark = [pytest.mark.drill, pytest.mark.slow]
 

@@ -19,7 +19,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from tests.load.gateway_process import PROJECT_ROOT
+from loadtest.gateway_process import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 

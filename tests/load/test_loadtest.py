@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.load import run
-from tests.load.gates import evaluate
-from tests.load.payloads import build_mix
+from loadtest import run
+from loadtest.gates import evaluate
+from loadtest.payloads import build_mix
 
 # Locust 2.x's stats CSV header, as written by locust.stats.StatsCSVFileWriter.
 HEADER = ["Type", "Name", "Request Count", "Failure Count", "Median Response Time", "Average Response Time",
@@ -100,7 +100,7 @@ def test_short_load_run_passes_the_gates(
 def test_load_run_fails_against_a_gateway_that_is_not_there(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from tests.load.gateway_process import free_port
+    from loadtest.gateway_process import free_port
 
     rc = run.main(["--url", f"http://127.0.0.1:{free_port()}", "--users", "2", "--time", "4s",
                    "--results-dir", str(tmp_path)])

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from urllib3 import encode_multipart_formdata
 
-PHOTO_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-sample"
+PHOTO_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-sample"
 FIELD = "images"  # the multipart field of POST /v1/predict (docs/architecture.md, serving/openapi.yaml)
 # Gateways built from this repo refuse more images than this unless configured otherwise; run.py
 # passes the value it started the gateway with through this variable.

@@ -1,6 +1,6 @@
 """Start the gateway the way production does (gunicorn, serving/gunicorn.conf.py) on a free port.
 
-Used by the load harness (tests/load/run.py, outside pytest), by the fault drills, which need
+Used by the load test (loadtest/run.py), by the test suite's fault drills, which need
 their own gateway per drill: a model base they can write into, a TF Serving address they control,
 a short poll interval or deadline, several workers to kill one of; and by the serving benchmark
 (benchmarks/serving_latency.py), which runs the naive Flask baseline under the same launcher.
@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import requests
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 GUNICORN = Path(sys.executable).with_name("gunicorn")
 
 

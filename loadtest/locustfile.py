@@ -1,7 +1,7 @@
 """Locust users uploading the mix from payloads.py to POST /v1/predict.
 
-Run headless through `make loadtest` (tests/load/run.py), or by hand:
-    locust -f tests/load/locustfile.py --headless -u 8 -r 4 -t 30s --host http://127.0.0.1:8080
+Run headless through `make loadtest` (loadtest/run.py), or by hand:
+    locust -f loadtest/locustfile.py --headless -u 8 -r 4 -t 30s --host http://127.0.0.1:8080
 Each request is named by its kind ("good ...", "bad ...") so Locust's CSV files give figures per
 kind; a bad input counts as a success only when it gets the 4xx it must get.
 """
@@ -14,7 +14,7 @@ import random
 from locust import FastHttpUser, between, events, task
 from locust.env import Environment
 
-from tests.load.payloads import RequestKind, build_mix
+from loadtest.payloads import RequestKind, build_mix
 
 MIX: list[RequestKind] = []
 

@@ -1,12 +1,12 @@
 """`make loadtest`: run Locust headless against a gateway, keep its CSV files, apply the gates.
 
-    python -m tests.load.run                      # start a gateway (embedded model) and load it
-    python -m tests.load.run --url http://host:port   # load an existing gateway
-    python -m tests.load.run --model-base models --model-name cifar10   # serve that model
+    python -m loadtest.run                      # start a gateway (embedded model) and load it
+    python -m loadtest.run --url http://host:port   # load an existing gateway
+    python -m loadtest.run --model-base models --model-name cifar10   # serve that model
 
 Without --url and without a published model under --model-base, it trains a small model on the
 synthetic dataset and exports it into the results directory first (about a minute), so the command
-works on a fresh checkout. Exits 0 when every gate in tests/load/gates.py passes, 1 with the reasons
+works on a fresh checkout. Exits 0 when every gate in loadtest/gates.py passes, 1 with the reasons
 otherwise.
 """
 
@@ -20,9 +20,10 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from tests.load.gates import P99_GATE_MS, Verdict, evaluate
-from tests.load.gateway_process import PROJECT_ROOT, running_gateway
-from tests.load.payloads import MAX_IMAGES_ENV
+from contract.versions import latest_version
+from loadtest.gates import P99_GATE_MS, Verdict, evaluate
+from loadtest.gateway_process import PROJECT_ROOT, running_gateway
+from loadtest.payloads import MAX_IMAGES_ENV
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 DEFAULT_RESULTS = PROJECT_ROOT / "loadtest-results"
@@ -32,7 +33,7 @@ GATEWAY_MAX_IMAGES = 32
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tests.load.run", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="load this running gateway instead of starting one")
     p.add_argument("--users", type=int, default=8, help="concurrent Locust users (default 8)")
     p.add_argument("--spawn-rate", type=float, default=4.0, help="users started per second (default 4)")
@@ -49,9 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def has_version(model_base: Path, name: str) -> bool:
-    model_dir = model_base / name
-    return model_dir.is_dir() and any(p.name.isdigit() and (p / "saved_model.pb").is_file()
-                                      for p in model_dir.iterdir())
+    return latest_version(model_base / name) is not None
 
 
 def ensure_model(results_dir: Path, name: str) -> Path:
