@@ -8,6 +8,8 @@ keras.backend.backend().
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import platform
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +26,6 @@ class Accelerator:
     def environment(self) -> dict[str, Any]:
         """What trained the model (RUN_DIR/environment.json, quoted by the model card): numbers from
         a GPU run under JAX and a CPU run under TensorFlow are not comparable without it."""
-        import importlib.metadata
-        import platform
-
         backend = keras.backend.backend()
         try:
             backend_version = importlib.metadata.version(backend)
@@ -52,6 +51,8 @@ class Accelerator:
 
 
 def count_gpus() -> int:
+    # Each backend package is imported only when it is Keras' backend: the others are optional and
+    # may be missing (GPU machines run JAX without TensorFlow).
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
@@ -80,7 +81,7 @@ def setup(mixed_precision: str = "auto", jit_compile: str = "auto") -> Accelerat
     keras.mixed_precision.set_global_policy("mixed_float16" if use_mp else "float32")
     scope: Any = contextlib.nullcontext()
     if gpus > 1 and keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
+        import tensorflow as tf  # only under the TensorFlow backend (see count_gpus)
 
         # All visible GPUs, batch split between them; variables are created inside this scope.
         scope = tf.distribute.MirroredStrategy().scope()

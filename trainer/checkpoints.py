@@ -13,6 +13,7 @@ from a consistent epoch.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -20,12 +21,14 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 
+from trainer import run_files
 from trainer.config import write_json_atomic
 
 STATE_FILE = "state.json"
@@ -64,6 +67,25 @@ def restore_seed_states(model: keras.Model, states: dict[str, list[int]]) -> Non
             key = f"{layer.name}/{i}"
             if key in states:
                 gen.state.assign(np.asarray(states[key], dtype=gen.state.dtype))
+
+
+def _uses_ema(model: keras.Model) -> bool:
+    optimizer = getattr(model, "optimizer", None)
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # under a LossScaleOptimizer
+    return bool(getattr(optimizer, "use_ema", False))
+
+
+@contextlib.contextmanager
+def ema_weights(model: keras.Model) -> Iterator[None]:
+    """The optimizer's moving average of the weights in the model for the `with` block (Keras'
+    own swap, the one SwapEMAWeights does around evaluation); the raw weights after it."""
+    swap = keras.callbacks.SwapEMAWeights()
+    swap.set_model(model)
+    swap.on_test_begin()
+    try:
+        yield
+    finally:
+        swap.on_test_end()
 
 
 def _replace_with_link(src: Path, dst: Path) -> None:
@@ -111,7 +133,7 @@ class RunCheckpointer(keras.callbacks.Callback):
     ) -> None:
         super().__init__()
         self.run_dir = Path(run_dir)
-        self.dir = self.run_dir / "checkpoints"
+        self.dir = self.run_dir / run_files.CHECKPOINTS_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
         self.total_epochs = total_epochs
         self.patience = patience
@@ -136,44 +158,73 @@ class RunCheckpointer(keras.callbacks.Callback):
             return None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logs = dict(logs or {})
         seconds = time.perf_counter() - self._epoch_start
         self._session_seconds.append(seconds)
         done = epoch + 1
+        row = self._record_epoch(done, dict(logs or {}), seconds)
+        improved = self._track_best(row, done)
+        checkpoint = self._save_checkpoint(done, improved)
+        write_history_csv(self.run_dir / run_files.HISTORY_FILE, self.history)
+        if self.patience and self.since_best >= self.patience and done < self.total_epochs:
+            self.stopped_early = True
+            self.model.stop_training = True
+        self._commit_state(done, checkpoint)
+        if self.verbose:
+            self.log(self._epoch_line(row, done, seconds, improved))
+
+    def _record_epoch(self, done: int, logs: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """Append the epoch's losses, accuracies, learning rate and duration to the history."""
         row: dict[str, Any] = {"epoch": done}
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             row[key] = float(logs[key]) if key in logs else None
         row["lr"] = self._lr()
         row["seconds"] = round(seconds, 3)
         self.history.append(row)
+        return row
 
-        # Best by validation accuracy; without a validation split, by training accuracy.
+    def _track_best(self, row: dict[str, Any], done: int) -> bool:
+        """Update the best score and the epochs since; True when this epoch is the new best."""
+        # Best by validation accuracy. Without a validation split (a final model trained on all the
+        # data) no epoch can be scored fairly, so the model is the last epoch's: where the lr
+        # schedule ends, as the fixed-schedule recipes intend.
         score = row["val_accuracy"] if row["val_accuracy"] is not None else row["accuracy"]
-        improved = score is not None and score > self.best
+        no_validation = row["val_accuracy"] is None
+        improved = score is not None and (no_validation or score > self.best)
         if improved:
             self.best, self.best_epoch, self.since_best = float(score), done, 0
         else:
             self.since_best += 1
+        return improved
 
-        ckpt = self.dir / f"epoch-{done:04d}.keras"
+    def _save_checkpoint(self, done: int, improved: bool) -> Path:
+        """checkpoints/epoch-NNNN.keras, and best.keras and model.keras when it improved."""
+        checkpoint = self.dir / f"epoch-{done:04d}.keras"
         tmp = self.dir / f".epoch-{done:04d}.{os.getpid()}.tmp.keras"  # save() wants a .keras suffix
         self.model.save(tmp)
-        os.replace(tmp, ckpt)
-        if improved:
-            _replace_with_link(ckpt, self.dir / "best.keras")
-            _replace_with_link(ckpt, self.run_dir / "model.keras")
-        write_history_csv(self.run_dir / "history.csv", self.history)
+        os.replace(tmp, checkpoint)
+        if improved and _uses_ema(self.model):
+            # The epoch checkpoint keeps the raw weights (resume continues from them, the average
+            # rides along in the optimizer state); the best model is the averaged weights.
+            best_tmp = self.dir / f".best.{os.getpid()}.tmp.keras"
+            with ema_weights(self.model):
+                self.model.save(best_tmp)
+            os.replace(best_tmp, self.dir / "best.keras")
+            _replace_with_link(self.dir / "best.keras", self.run_dir / run_files.MODEL_FILE)
+        elif improved:
+            _replace_with_link(checkpoint, self.dir / "best.keras")
+            _replace_with_link(checkpoint, self.run_dir / run_files.MODEL_FILE)
+        return checkpoint
 
-        if self.patience and self.since_best >= self.patience and done < self.total_epochs:
-            self.stopped_early = True
-            self.model.stop_training = True
+    def _commit_state(self, done: int, checkpoint: Path) -> None:
+        """Write state.json naming `checkpoint` (the commit point), then point last.keras at it and
+        delete the previous epoch's file."""
         previous = read_state(self.dir) or {}
         write_json_atomic(
             self.dir / STATE_FILE,
             {
                 "epoch": done,
                 "total_epochs": self.total_epochs,
-                "checkpoint": ckpt.name,
+                "checkpoint": checkpoint.name,
                 "best_val_accuracy": self.best,
                 "best_epoch": self.best_epoch,
                 "epochs_without_improvement": self.since_best,
@@ -183,25 +234,26 @@ class RunCheckpointer(keras.callbacks.Callback):
                 "history": self.history,
             },
         )
-        _replace_with_link(ckpt, self.dir / "last.keras")
+        _replace_with_link(checkpoint, self.dir / "last.keras")
         old = previous.get("checkpoint")
-        if old and old != ckpt.name:
+        if old and old != checkpoint.name:
             (self.dir / old).unlink(missing_ok=True)
 
-        if self.verbose:
-            remaining = self.total_epochs - done
-            eta = sum(self._session_seconds) / len(self._session_seconds) * remaining
-            parts = [f"epoch {done}/{self.total_epochs}"]
-            for key, label in (("loss", "loss"), ("accuracy", "acc"), ("val_loss", "val_loss"),
-                               ("val_accuracy", "val_acc")):
-                if row[key] is not None:
-                    parts.append(f"{label} {row[key]:.4f}")
-            if row["lr"] is not None:
-                parts.append(f"lr {row['lr']:.3g}")
-            parts.append(f"{seconds:.1f}s")
-            parts.append(f"ETA {_fmt_seconds(eta)}" if remaining and not self.stopped_early else "done")
-            if improved:
-                parts.append("*best*")
-            if self.stopped_early:
-                parts.append(f"(early stop: no val gain for {self.patience} epochs)")
-            self.log("  ".join(parts))
+    def _epoch_line(self, row: dict[str, Any], done: int, seconds: float, improved: bool) -> str:
+        """One log line: metrics, learning rate, duration, ETA, best and early-stop marks."""
+        remaining = self.total_epochs - done
+        eta = sum(self._session_seconds) / len(self._session_seconds) * remaining
+        parts = [f"epoch {done}/{self.total_epochs}"]
+        for key, label in (("loss", "loss"), ("accuracy", "acc"), ("val_loss", "val_loss"),
+                           ("val_accuracy", "val_acc")):
+            if row[key] is not None:
+                parts.append(f"{label} {row[key]:.4f}")
+        if row["lr"] is not None:
+            parts.append(f"lr {row['lr']:.3g}")
+        parts.append(f"{seconds:.1f}s")
+        parts.append(f"ETA {_fmt_seconds(eta)}" if remaining and not self.stopped_early else "done")
+        if improved:
+            parts.append("*best*")
+        if self.stopped_early:
+            parts.append(f"(early stop: no val gain for {self.patience} epochs)")
+        return "  ".join(parts)

@@ -12,7 +12,12 @@ import sys
 from pathlib import Path
 
 from trainer import config as config_mod
+from trainer import run_files
 from trainer.config import Config, ConfigError
+from trainer.evaluate import evaluate_run
+from trainer.export import arguments as export_arguments
+from trainer.sweep import parse_values, sweep
+from trainer.train import train
 
 EXIT_ERROR = 1  # the run failed (bad data, missing files, refused resume)
 EXIT_USAGE = 2  # bad flags or config (argparse uses 2 as well)
@@ -50,29 +55,30 @@ def resolve_config(args: argparse.Namespace, base: Config | None = None) -> Conf
 
 def _run_train(args: argparse.Namespace) -> int:
     base = None
-    saved = args.run_dir / "config.json"
-    if args.resume and saved.is_file():
-        base = config_mod.load(saved)  # resume: the run's own settings unless told otherwise
-    config = resolve_config(args, base)  # before importing Keras: config errors answer at once
-    from trainer.train import train
-
+    if args.resume and (args.run_dir / run_files.CONFIG_FILE).is_file():
+        base = run_files.read_config(args.run_dir)  # resume: the run's own settings unless told otherwise
+    config = resolve_config(args, base)
     train(config, args.run_dir, resume=args.resume)
     return 0
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from trainer.evaluate import evaluate_run
-
     evaluate_run(args.run_dir)
     return 0
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
     config = resolve_config(args)
-    from trainer.sweep import parse_values, sweep
-
     sweep(config, args.param, parse_values(args.values), args.run_dir)
     return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    # Imported when exporting, not at the top: the export needs TensorFlow, which the GPU machines
+    # that train under JAX lack (tests/trainer/test_jax_backend.py). A broken export fails here, loudly.
+    from trainer.export.cli import run
+
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,12 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--values", required=True, help="comma-separated values, e.g. 0.0,0.1,0.2")
     p.set_defaults(handler=_run_sweep)
 
-    try:
-        from trainer.export.cli import register
-    except ImportError:  # the export part is optional for training
-        pass
-    else:
-        register(sub)
+    export_arguments.register(sub, handler=_run_export)
     return parser
 
 

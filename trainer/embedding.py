@@ -1,12 +1,15 @@
 """A 2-D view of the model's feature space for the training report: reports/embedding.png.
 
 Penultimate-layer features (what the softmax head sees) of test images, projected to two
-dimensions with PCA (numpy SVD: no scikit-learn dependency) and scattered coloured by true class.
-Well-separated clusters mean the classes are linearly separable where the classifier looks.
+dimensions and scattered coloured by true class. The projection is t-SNE (scikit-learn's, as the
+seed tutorials draw it: neighbourhoods kept, so clusters show even when they are not linearly
+apart) or PCA (numpy SVD: fast, linear, axes with a meaning), the fallback when scikit-learn is
+missing or there are too few points for t-SNE's perplexity.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +21,9 @@ from trainer.reports import plt  # pyplot after reports chose the headless Agg b
 
 HEAD_DENSE_LAYER = "logits"  # the head's Dense layer in trainer/models/common.py
 MAX_POINTS = 2000  # enough to see the clusters; keeps the forward pass and the scatter fast
+PROJECTIONS = ("tsne", "pca")
+TSNE_PERPLEXITY = 30.0  # scikit-learn's default; lowered for small samples (it must be < N)
+MIN_TSNE_POINTS = 10  # below this, t-SNE's neighbourhoods say nothing: PCA instead
 
 
 def feature_model(model: keras.Model) -> keras.Model:
@@ -63,6 +69,29 @@ def pca_2d(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return centred @ components.T, ratio
 
 
+def tsne_2d(features: np.ndarray, seed: int = 0) -> np.ndarray:
+    """points [N, 2] by scikit-learn's t-SNE (PCA initialisation: stable layouts between runs)."""
+    from sklearn.manifold import TSNE  # imported on use: scikit-learn loads SciPy, seconds at start
+
+    features = np.asarray(features, dtype=np.float64)
+    perplexity = min(TSNE_PERPLEXITY, (len(features) - 1) / 3.0)
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+    return tsne.fit_transform(features)
+
+
+def project_2d(
+    features: np.ndarray, method: str = "tsne", seed: int = 0
+) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(points [N, 2], PCA variance ratio or None, the method used). t-SNE falls back to PCA when
+    scikit-learn is not installed or there are fewer than MIN_TSNE_POINTS points."""
+    if method not in PROJECTIONS:
+        raise ValueError(f"unknown projection {method!r}; choose one of {', '.join(PROJECTIONS)}")
+    if method == "tsne" and len(features) >= MIN_TSNE_POINTS and importlib.util.find_spec("sklearn"):
+        return tsne_2d(features, seed), None, "tsne"
+    points, ratio = pca_2d(features)
+    return points, ratio, "pca"
+
+
 def embedding_plot(
     points: np.ndarray,
     labels: np.ndarray,
@@ -71,6 +100,7 @@ def embedding_plot(
     *,
     variance_ratio: np.ndarray | None = None,
     title: str = "",
+    method: str = "pca",
 ) -> Path:
     """Scatter of 2-D points coloured by class, one legend entry per class present."""
     fig, ax = plt.subplots(figsize=(8, 6.5))
@@ -81,14 +111,15 @@ def embedding_plot(
             ax.scatter(
                 points[chosen, 0], points[chosen, 1], s=9, alpha=0.7, color=cmap(index % cmap.N), label=name
             )
-    axis = ("PC1", "PC2")
-    if variance_ratio is not None:
+    axis = ("t-SNE 1", "t-SNE 2") if method == "tsne" else ("PC1", "PC2")
+    if variance_ratio is not None and method == "pca":
         axis = tuple(f"PC{i + 1} ({variance_ratio[i]:.0%} of variance)" for i in range(2))
     ax.set_xlabel(axis[0])
     ax.set_ylabel(axis[1])
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=2, frameon=False)
-    ax.set_title(title or f"Penultimate-layer features, PCA ({len(points)} test images)")
+    label = "t-SNE" if method == "tsne" else "PCA"
+    ax.set_title(title or f"Penultimate-layer features, {label} ({len(points)} test images)")
     return reports.save_figure(fig, path)
 
 
@@ -102,13 +133,16 @@ def write_embedding_report(
     title: str = "",
     max_points: int = MAX_POINTS,
     seed: int = 0,
+    method: str = "tsne",
 ) -> Path:
-    """Features of (a seeded sample of at most `max_points`) images -> PCA -> scatter at `path`."""
+    """Features of (a seeded sample of at most `max_points`) images -> t-SNE or PCA -> scatter at
+    `path`. A `{method}` in `title` is replaced by the projection actually used."""
     labels = np.asarray(labels)
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     if len(images) > max_points:
         keep = np.sort(np.random.default_rng(seed).choice(len(images), max_points, replace=False))
         images, labels = images[keep], labels[keep]
-    points, ratio = pca_2d(penultimate_features(model, images))
-    return embedding_plot(points, labels, class_names, path, variance_ratio=ratio, title=title)
+    points, ratio, used = project_2d(penultimate_features(model, images), method, seed)
+    title = title.replace("{method}", "t-SNE" if used == "tsne" else "PCA")
+    return embedding_plot(points, labels, class_names, path, variance_ratio=ratio, title=title, method=used)

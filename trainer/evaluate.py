@@ -14,8 +14,7 @@ import keras
 import numpy as np
 
 import trainer.models  # noqa: F401  (registers the custom layers load_model needs)
-from trainer import config as config_mod
-from trainer import embedding, reports
+from trainer import embedding, reports, run_files
 from trainer.checkpoints import read_state
 from trainer.config import write_json_atomic
 from trainer.data import Dataset
@@ -50,33 +49,29 @@ def per_class_metrics(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, d
     }
 
 
-def evaluate_run(
-    run_dir: str | Path, *, dataset: Dataset | None = None, log: Callable[[str], None] = print
-) -> dict[str, Any]:
-    """Predict the test split with RUN_DIR/model.keras; write metrics.json and reports/*."""
-    run_dir = Path(run_dir)
-    model_path = run_dir / "model.keras"
-    if not model_path.is_file():
-        raise FileNotFoundError(
-            f"{model_path} not found: train first (python -m trainer train --run-dir {run_dir})"
-        )
-    if dataset is None:
-        from trainer.train import load_run_dataset
+def predict_probabilities(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    """Class probabilities [N, classes] for uint8 pixels."""
+    return np.asarray(model.predict(images.astype(np.float32), batch_size=256, verbose=0))
 
-        dataset = load_run_dataset(config_mod.load(run_dir / "config.json"))
-    if len(dataset.x_test) == 0:
-        raise ValueError(f"dataset {dataset.name} has an empty test split: nothing to evaluate")
 
-    model = keras.saving.load_model(model_path, compile=False)
-    probs = np.asarray(model.predict(dataset.x_test.astype(np.float32), batch_size=256, verbose=0))
+def predict_flip_tta(model: keras.Model, images: np.ndarray, probs: np.ndarray | None = None) -> np.ndarray:
+    """Test-time flip augmentation: the mean of the probabilities of each image and its mirror
+    (what the fast recipes report). `probs`: the single-view probabilities, when already known."""
+    single = predict_probabilities(model, images) if probs is None else probs
+    mirrored = predict_probabilities(model, np.ascontiguousarray(images[:, :, ::-1, :]))
+    return (single + mirrored) / 2.0
+
+
+def score_test_split(probs: np.ndarray, dataset: Dataset, state: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json: accuracy, loss, per-class scores and confusion matrix on the test split, plus
+    the training outcome recorded in the checkpoint `state`."""
     y_true = dataset.y_test.astype(np.int64)
     y_pred = probs.argmax(axis=1)
     # Plain cross-entropy (no label smoothing): comparable across runs whatever they trained with.
     test_loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(y_true)), y_true], EPS, 1.0))))
     cm = confusion_matrix(y_true, y_pred, dataset.num_classes)
     per_class = per_class_metrics(cm, dataset.class_names)
-    state = read_state(run_dir / "checkpoints") or {}
-    metrics: dict[str, Any] = {
+    return {
         "test_accuracy": float(np.mean(y_pred == y_true)),
         "test_loss": test_loss,
         "num_test": int(len(y_true)),
@@ -90,27 +85,61 @@ def evaluate_run(
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
     }
-    write_json_atomic(run_dir / "metrics.json", metrics)
 
-    report_dir = run_dir / "reports"
+
+def write_reports(
+    report_dir: Path, model: keras.Model, dataset: Dataset, probs: np.ndarray, metrics: dict[str, Any],
+    history_path: Path,
+) -> None:
+    """per_class.json and the figures: learning curves (when `history_path` exists), confusion
+    matrix, misclassified images and the feature-space embedding."""
     report_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(report_dir / "per_class.json", per_class)
+    write_json_atomic(report_dir / "per_class.json", metrics["per_class"])
+    y_true = dataset.y_test.astype(np.int64)
+    y_pred = probs.argmax(axis=1)
+    cm = np.asarray(metrics["confusion_matrix"], dtype=np.int64)
     acc = metrics["test_accuracy"]
     tag = f"{model.name} on {dataset.name}{' (SYNTHETIC)' if dataset.synthetic else ''}"
-    history_path = run_dir / "history.csv"
     if history_path.is_file():
         reports.learning_curves(reports.read_history(history_path), report_dir / "learning_curves.png",
                                 title=f"Learning curves: {tag}")
     reports.confusion_matrix_plot(cm, dataset.class_names, report_dir / "confusion_matrix.png",
-                                  title=f"Confusion matrix: {tag}, test accuracy {acc:.1%}",
-                                  )
+                                  title=f"Confusion matrix: {tag}, test accuracy {acc:.1%}")
     reports.misclassified_grid(dataset.x_test, y_true, y_pred, probs.max(axis=1), dataset.class_names,
                                report_dir / "misclassified.png")
     # Feature-space view of the same (best) model: do the classes form separate clusters?
     embedding.write_embedding_report(model, dataset.x_test, y_true, dataset.class_names,
                                      report_dir / "embedding.png",
-                                     title=f"Penultimate-layer features, PCA: {tag}")
+                                     title=f"Penultimate-layer features, {{method}}: {tag}")
+
+
+def evaluate_run(
+    run_dir: str | Path, *, dataset: Dataset | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Predict the test split with RUN_DIR/model.keras; write metrics.json and reports/*."""
+    run_dir = Path(run_dir)
+    model_path = run_dir / run_files.MODEL_FILE
+    if not model_path.is_file():
+        raise FileNotFoundError(
+            f"{model_path} not found: train first (python -m trainer train --run-dir {run_dir})"
+        )
+    if dataset is None:
+        dataset = run_files.load_run_dataset(run_files.read_config(run_dir))
+    if len(dataset.x_test) == 0:
+        raise ValueError(f"dataset {dataset.name} has an empty test split: nothing to evaluate")
+
+    model = keras.saving.load_model(model_path, compile=False)
+    probs = predict_probabilities(model, dataset.x_test)
+    metrics = score_test_split(probs, dataset, read_state(run_dir / run_files.CHECKPOINTS_DIR) or {})
+    # Beside the single view, never instead of it: the exported model answers with one view
+    # unless it is exported with --tta flip (which doubles its cost).
+    tta = predict_flip_tta(model, dataset.x_test, probs)
+    metrics["test_accuracy_flip_tta"] = float(np.mean(tta.argmax(axis=1) == dataset.y_test))
+    write_json_atomic(run_dir / run_files.METRICS_FILE, metrics)
+    report_dir = run_dir / run_files.REPORTS_DIR
+    write_reports(report_dir, model, dataset, probs, metrics, history_path=run_dir / run_files.HISTORY_FILE)
     synthetic_note = " (SYNTHETIC data)" if dataset.synthetic else ""
-    log(f"test accuracy {metrics['test_accuracy']:.4f}, test loss {test_loss:.4f} on "
-        f"{len(y_true)} {dataset.name} images{synthetic_note}; reports in {report_dir}")
+    log(f"test accuracy {metrics['test_accuracy']:.4f} "
+        f"(with flip TTA {metrics['test_accuracy_flip_tta']:.4f}), test loss {metrics['test_loss']:.4f} on "
+        f"{metrics['num_test']} {dataset.name} images{synthetic_note}; reports in {report_dir}")
     return metrics

@@ -19,6 +19,9 @@ from typing import Any
 
 from trainer import config as config_mod
 from trainer.config import Config
+from trainer.reports import plt, save_figure
+from trainer.run_files import METRICS_FILE
+from trainer.train import train
 
 COLUMNS = ("value", "test_accuracy", "test_loss", "best_val_accuracy", "best_epoch", "seconds", "run_dir")
 
@@ -64,8 +67,6 @@ def write_summary(sweep_dir: Path, param: str, rows: Sequence[dict[str, Any]]) -
 
 
 def plot(path: Path, param: str, rows: Sequence[dict[str, Any]]) -> Path:
-    from trainer.reports import plt, save_figure
-
     labels = [str(r["value"]) for r in rows]
     try:
         xs: list[Any] = [float(v) for v in labels]
@@ -92,8 +93,6 @@ def sweep(
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Train `base` with `param` set to each of `values`; returns the summary rows."""
-    from trainer.train import train
-
     sweep_dir = Path(sweep_dir)
     # Fail on a bad parameter or value before any training starts.
     configs = [config_mod.apply_overrides(base, [f"{param}={v}"]) for v in values]
@@ -106,7 +105,7 @@ def sweep(
         result = train(cfg, run_dir, resume=True, log=log)
         metrics = result.metrics
         if metrics is None:  # finished earlier: read what it wrote
-            metrics = json.loads((run_dir / "metrics.json").read_text())
+            metrics = json.loads((run_dir / METRICS_FILE).read_text())
         rows.append({
             "value": value,
             "test_accuracy": float(metrics["test_accuracy"]),

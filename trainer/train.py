@@ -9,9 +9,7 @@ the random-generator counters, so a resumed run equals an uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,19 +18,16 @@ from typing import Any
 
 import keras
 
-from trainer import accelerator
+from trainer import accelerator, run_files
 from trainer import config as config_mod
 from trainer.checkpoints import RunCheckpointer, read_state, restore_seed_states
 from trainer.config import Config, write_json_atomic
-from trainer.data import Dataset, load_dataset
-from trainer.models import build_model
+from trainer.data import Dataset
+from trainer.evaluate import evaluate_run
+from trainer.models import available_architectures, build_model, xla_error
+from trainer.optimizers import build_optimizer
 from trainer.pipeline import ArrayBatches, ShuffledBatches
-from trainer.schedules import WarmupSchedule
-
-logger = logging.getLogger(__name__)
-
-# Biases and batch-norm scale/offset get no weight decay (as in the fast CIFAR-10 recipes).
-NO_DECAY = ["bias", "gamma", "beta"]
+from trainer.recipe import Recipe, resolve
 
 
 class TrainingError(RuntimeError):
@@ -49,44 +44,21 @@ class TrainResult:
     metrics: dict[str, Any] | None
 
 
-def load_run_dataset(config: Config) -> Dataset:
-    d = config.data
-    return load_dataset(
-        d.dataset,
-        data_dir=Path(d.data_dir) if d.data_dir else None,
-        cache_dir=Path(d.cache_dir) if d.cache_dir else None,
-        val_fraction=d.val_fraction,
-        seed=config.train.seed,
-        num_train=d.num_train,
-        num_test=d.num_test,
-    )
-
-
 def make_optimizer(config: Config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    o = config.optim
-    total = max(1, steps_per_epoch * config.train.epochs)
-    schedule = WarmupSchedule(
-        peak=o.lr,
-        total_steps=total,
-        warmup_steps=int(round(o.warmup_fraction * total)),
-        kind=o.schedule,
-        start_factor=o.start_factor,
-        end_factor=o.end_factor,
-    )
-    wd = o.weight_decay or None
-    if o.optimizer == "sgd":
-        opt: keras.optimizers.Optimizer = keras.optimizers.SGD(
-            learning_rate=schedule, momentum=o.momentum, nesterov=o.nesterov, weight_decay=wd
-        )
-    else:
-        # Keras applies `weight_decay` decoupled (AdamW-style) in every optimizer.
-        opt = keras.optimizers.Adam(learning_rate=schedule, weight_decay=wd)
-    if wd:
-        opt.exclude_from_weight_decay(var_names=NO_DECAY)
-    return opt
+    """The configured optimizer over the whole run's steps, with weight EMA when asked."""
+    optimizer = build_optimizer(config.optim, max(1, steps_per_epoch * config.train.epochs))
+    if config.train.ema_momentum:
+        # Keras keeps the average in the optimizer (saved in checkpoints, so resume keeps it);
+        # SwapEMAWeights and the checkpointer put it into the model where it is scored and saved.
+        optimizer.use_ema = True
+        optimizer.ema_momentum = config.train.ema_momentum
+        optimizer.ema_overwrite_frequency = None
+    return optimizer
 
 
 def make_model(config: Config, dataset: Dataset, steps_per_epoch: int, jit_compile: bool) -> keras.Model:
+    """Build and compile the configured architecture; with jit_compile, refuse layers XLA cannot
+    compile instead of letting Keras silently fall back to op-by-op execution."""
     m = config.model
     model = build_model(
         m.arch,
@@ -97,7 +69,11 @@ def make_model(config: Config, dataset: Dataset, steps_per_epoch: int, jit_compi
         width=m.width,
         dropout=m.dropout,
         bn_momentum=config.optim.bn_momentum,
+        init=m.init,
+        head_bias=m.head_bias,
     )
+    if jit_compile and (problem := xla_error(model)):
+        raise TrainingError(problem)
     # Label smoothing needs one-hot targets in Keras' API; the pipeline gives class indices, so
     # smoothing is applied by the sparse loss wrapper below.
     model.compile(
@@ -142,10 +118,10 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _check_same_config(run_dir: Path, config: Config) -> None:
-    saved_path = run_dir / "config.json"
+    saved_path = run_dir / run_files.CONFIG_FILE
     if not saved_path.is_file():
         raise TrainingError(f"cannot resume: {saved_path} is missing; start a new --run-dir")
-    saved = _flatten(config_mod.load(saved_path).to_dict())
+    saved = _flatten(run_files.read_config(run_dir).to_dict())
     given = _flatten(config.to_dict())
     diffs = [f"{k} (run: {saved[k]!r}, now: {given[k]!r})" for k in saved if saved[k] != given.get(k)]
     # How chatty the log is does not change the result.
@@ -155,6 +131,20 @@ def _check_same_config(run_dir: Path, config: Config) -> None:
             f"cannot resume {run_dir}: settings differ from the interrupted run: {'; '.join(diffs)}. "
             "Resume with the same settings (omit --config/--set to reuse config.json) or use a new --run-dir."
         )
+
+
+def _resumable_state(run_dir: Path, config: Config, resume: bool) -> dict[str, Any] | None:
+    """The interrupted run's checkpoint state (None for a fresh start); refuses a run that exists
+    without `resume` and one whose settings differ."""
+    state = read_state(run_dir / run_files.CHECKPOINTS_DIR)
+    if state is not None and not resume:
+        raise TrainingError(
+            f"{run_dir} already holds a training run (checkpoints/state.json); pass --resume to "
+            "continue it or choose a new --run-dir"
+        )
+    if state is not None:
+        _check_same_config(run_dir, config)
+    return state
 
 
 def announce_dataset(dataset: Dataset, log: Callable[[str], None]) -> None:
@@ -169,6 +159,128 @@ def announce_dataset(dataset: Dataset, log: Callable[[str], None]) -> None:
         log("!!! trained on SYNTHETIC data: generated shapes, not photos. The model means nothing")
         log("!!! for real images; this is recorded in dataset.json and metrics.json.")
         log(banner)
+
+
+def _restore_checkpoint(
+    model: keras.Model, run_dir: Path, state: dict[str, Any], total_epochs: int, log: Callable[[str], None]
+) -> None:
+    """Weights, optimizer state and random-generator counters of the interrupted run."""
+    model.optimizer.build(model.trainable_variables)
+    checkpoint = run_dir / run_files.CHECKPOINTS_DIR / state.get("checkpoint", "last.keras")
+    if not checkpoint.is_file():
+        raise TrainingError(f"cannot resume: checkpoint {checkpoint} is missing; use a new --run-dir")
+    model.load_weights(checkpoint)
+    restore_seed_states(model, state.get("seed_states", {}))
+    log(f"resuming {run_dir} after epoch {int(state['epoch'])}/{total_epochs} ({checkpoint.name})")
+
+
+def _tensorboard_callbacks(
+    config: Config, run_dir: Path, log: Callable[[str], None]
+) -> list[keras.callbacks.Callback]:
+    if not config.train.tensorboard:
+        return []
+    if importlib.util.find_spec("tensorboard") is None:
+        # Keras' callback needs the tensorboard package for its summary ops.
+        log("TensorBoard logs skipped: the tensorboard package is not installed "
+            "(pip install tensorboard, or set train.tensorboard=false to silence this)")
+        return []
+    return [keras.callbacks.TensorBoard(log_dir=str(run_dir / run_files.TENSORBOARD_DIR), write_graph=False)]
+
+
+def _fit(
+    config: Config,
+    run_dir: Path,
+    dataset: Dataset,
+    accel: accelerator.Accelerator,
+    state: dict[str, Any] | None,
+    callbacks: Sequence[keras.callbacks.Callback],
+    log: Callable[[str], None],
+) -> RunCheckpointer:
+    """Train the epochs after the state's (all of them for a fresh start); the checkpointer holds
+    the history and the best epoch."""
+    start_epoch = int(state["epoch"]) if state else 0
+    batch_size = config.train.batch_size
+    train_batches = ShuffledBatches(
+        dataset.x_train, dataset.y_train, batch_size, seed=config.train.seed, initial_epoch=start_epoch
+    )
+    val_batches = ArrayBatches(dataset.x_val, dataset.y_val, batch_size) if len(dataset.x_val) else None
+    steps_per_epoch = train_batches.steps_per_epoch
+    with accel.scope:
+        # Same construction order as the original run, so layer seeds drawn from the global
+        # seed match; then weights, optimizer state and generator counters are restored.
+        model = make_model(config, dataset, steps_per_epoch, accel.jit_compile)
+        if state:
+            _restore_checkpoint(model, run_dir, state, config.train.epochs, log)
+    _record_compiled_environment(run_dir, accel, model)
+
+    checkpointer = RunCheckpointer(
+        run_dir,
+        total_epochs=config.train.epochs,
+        state=state,
+        patience=config.train.early_stopping_patience,
+        log=log,
+        verbose=config.train.verbose > 0,
+    )
+    # With EMA, validation scores the averaged weights (SwapEMAWeights swaps them in around each
+    # evaluation); the checkpointer saves them as the best model.
+    ema = [keras.callbacks.SwapEMAWeights()] if config.train.ema_momentum else []
+    cbs = [*ema, checkpointer, *_tensorboard_callbacks(config, run_dir, log), *callbacks]
+    log(
+        f"training {config.model.arch} for epochs {start_epoch + 1}..{config.train.epochs} "
+        f"({steps_per_epoch} steps/epoch, batch {batch_size}) into {run_dir}"
+    )
+    started = time.perf_counter()
+    model.fit(
+        train_batches,
+        validation_data=val_batches,
+        epochs=config.train.epochs,
+        initial_epoch=start_epoch,
+        steps_per_epoch=steps_per_epoch,
+        shuffle=False,  # order comes from ShuffledBatches (seed, epoch), never Python's random
+        callbacks=cbs,
+        verbose=1 if config.train.verbose == 1 else 0,
+    )
+    log(f"training took {time.perf_counter() - started:.1f}s; best val accuracy "
+        f"{checkpointer.best:.4f} at epoch {checkpointer.best_epoch}")
+    return checkpointer
+
+
+def _record_compiled_environment(run_dir: Path, accel: accelerator.Accelerator, model: keras.Model) -> None:
+    """environment.json with what the compiled model really uses: Keras turns XLA off with only a
+    warning when a layer cannot compile, so the setting alone is not the truth."""
+    environment = accel.environment()
+    environment["jit_compile_requested"] = accel.jit_compile
+    environment["jit_compile"] = bool(getattr(model, "jit_compile", False))
+    write_json_atomic(run_dir / run_files.ENVIRONMENT_FILE, environment)
+
+
+def announce_recipe(recipe: Recipe, log: Callable[[str], None]) -> None:
+    for line in recipe.reasons:
+        log(f"recipe: {line}")
+    for line in recipe.warnings:
+        log(f"WARNING: {line}")
+
+
+def _result_of_finished_run(run_dir: Path, state: dict[str, Any]) -> TrainResult:
+    return TrainResult(
+        run_dir,
+        history=list(state.get("history", [])),
+        best_val_accuracy=float(state["best_val_accuracy"]),
+        best_epoch=int(state["best_epoch"]),
+        stopped_early=bool(state.get("stopped_early")),
+        metrics=None,
+    )
+
+
+def _result_of_fit(run_dir: Path, checkpointer: RunCheckpointer) -> TrainResult:
+    return TrainResult(
+        run_dir,
+        history=checkpointer.history,
+        best_val_accuracy=checkpointer.best,
+        best_epoch=checkpointer.best_epoch,
+        stopped_early=checkpointer.stopped_early,
+        metrics=None,
+    )
 
 
 def train(
@@ -189,108 +301,33 @@ def train(
     after the checkpointer. evaluate: write metrics.json and reports/ on the test split.
     """
     config_mod.validate(config)
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    state = read_state(ckpt_dir)
-    if state is not None and not resume:
+    if config.model.arch not in available_architectures():
         raise TrainingError(
-            f"{run_dir} already holds a training run (checkpoints/state.json); pass --resume to "
-            "continue it or choose a new --run-dir"
+            f"unknown model.arch {config.model.arch!r}; choose one of: {', '.join(available_architectures())}"
         )
-    if state is not None:
-        _check_same_config(run_dir, config)
+    run_dir = Path(run_dir)
+    state = _resumable_state(run_dir, config, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     keras.utils.set_random_seed(config.train.seed)
     accel = accelerator.setup(config.train.mixed_precision, config.train.jit_compile)
     log(accel.describe())
-
     if dataset is None:
-        dataset = load_run_dataset(config)
+        dataset = run_files.load_run_dataset(config)
     announce_dataset(dataset, log)
-    config.save(run_dir / "config.json")
-    write_json_atomic(run_dir / "dataset.json", dataset.describe())
-    write_json_atomic(run_dir / "environment.json", accel.environment())  # of the latest session
-
-    start_epoch = int(state["epoch"]) if state else 0
+    recipe = resolve(config, len(dataset.x_train))
+    announce_recipe(recipe, log)
     finished = bool(state and state.get("finished"))
-    history = list(state.get("history", [])) if state else []
-    best, best_epoch = (float(state["best_val_accuracy"]), int(state["best_epoch"])) if state else (-1.0, 0)
-    stopped_early = bool(state and state.get("stopped_early"))
-
-    if not finished:
-        batch_size = config.train.batch_size
-        train_batches = ShuffledBatches(
-            dataset.x_train, dataset.y_train, batch_size, seed=config.train.seed, initial_epoch=start_epoch
-        )
-        val_batches = (
-            ArrayBatches(dataset.x_val, dataset.y_val, batch_size) if len(dataset.x_val) else None
-        )
-        steps_per_epoch = train_batches.steps_per_epoch
-        with accel.scope:
-            # Same construction order as the original run, so layer seeds drawn from the global
-            # seed match; then weights, optimizer state and generator counters are restored.
-            model = make_model(config, dataset, steps_per_epoch, accel.jit_compile)
-            if state:
-                model.optimizer.build(model.trainable_variables)
-                checkpoint = ckpt_dir / state.get("checkpoint", "last.keras")
-                if not checkpoint.is_file():
-                    raise TrainingError(
-                        f"cannot resume: checkpoint {checkpoint} is missing; use a new --run-dir"
-                    )
-                model.load_weights(checkpoint)
-                restore_seed_states(model, state.get("seed_states", {}))
-                log(f"resuming {run_dir} after epoch {start_epoch}/{config.train.epochs} ({checkpoint.name})")
-
-        checkpointer = RunCheckpointer(
-            run_dir,
-            total_epochs=config.train.epochs,
-            state=state,
-            patience=config.train.early_stopping_patience,
-            log=log,
-            verbose=config.train.verbose > 0,
-        )
-        cbs: list[keras.callbacks.Callback] = [checkpointer]
-        if config.train.tensorboard:
-            if importlib.util.find_spec("tensorboard") is None:
-                # Keras' callback needs the tensorboard package for its summary ops.
-                log("TensorBoard logs skipped: the tensorboard package is not installed "
-                    "(pip install tensorboard, or set train.tensorboard=false to silence this)")
-            else:
-                cbs.append(
-                    keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), write_graph=False)
-                )
-        cbs.extend(callbacks)
-        log(
-            f"training {config.model.arch} for epochs {start_epoch + 1}..{config.train.epochs} "
-            f"({steps_per_epoch} steps/epoch, batch {batch_size}) into {run_dir}"
-        )
-        started = time.perf_counter()
-        model.fit(
-            train_batches,
-            validation_data=val_batches,
-            epochs=config.train.epochs,
-            initial_epoch=start_epoch,
-            steps_per_epoch=steps_per_epoch,
-            shuffle=False,  # order comes from ShuffledBatches (seed, epoch), never Python's random
-            callbacks=cbs,
-            verbose=1 if config.train.verbose == 1 else 0,
-        )
-        log(f"training took {time.perf_counter() - started:.1f}s; best val accuracy "
-            f"{checkpointer.best:.4f} at epoch {checkpointer.best_epoch}")
-        history, best, best_epoch = checkpointer.history, checkpointer.best, checkpointer.best_epoch
-        stopped_early = checkpointer.stopped_early
+    if not finished:  # a finished run's files describe the session that trained it: keep them
+        run_files.describe_run(run_dir, config, dataset, accel.environment())
+        write_json_atomic(run_dir / run_files.RECIPE_FILE, recipe.to_dict())
+    if state is not None and finished:
+        log(f"{run_dir} already finished training ({int(state['epoch'])} epochs); nothing to resume")
+        result = _result_of_finished_run(run_dir, state)
     else:
-        log(f"{run_dir} already finished training ({start_epoch} epochs); nothing to resume")
+        resolved = recipe.apply(config)
+        result = _result_of_fit(run_dir, _fit(resolved, run_dir, dataset, accel, state, callbacks, log))
 
-    metrics = None
-    if evaluate and (not finished or not (run_dir / "metrics.json").is_file()):
-        from trainer.evaluate import evaluate_run
-
-        metrics = evaluate_run(run_dir, dataset=dataset, log=log)
-    return TrainResult(run_dir, history, best, best_epoch, stopped_early, metrics)
-
-
-def config_with(config: Config, **sections: dict[str, Any]) -> Config:
-    """A copy of `config` with some fields replaced, e.g. config_with(c, train={"epochs": 2})."""
-    return config_mod.from_dict(sections, config) if sections else dataclasses.replace(config)
+    if evaluate and (not finished or not (run_dir / run_files.METRICS_FILE).is_file()):
+        result.metrics = evaluate_run(run_dir, dataset=dataset, log=log)
+    return result

@@ -9,7 +9,9 @@ from pathlib import Path
 import keras
 import pytest
 
+from tests.fixtures.training import tiny_config
 from trainer.checkpoints import RunCheckpointer, read_state
+from trainer.train import train
 
 
 def _tiny_model() -> keras.Model:
@@ -68,8 +70,6 @@ def test_unreadable_state_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_tensorboard_logs_when_installed(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
-    from tests.fixtures.training import tiny_config
-    from trainer.train import train
 
     config = tiny_config(data={"num_train": 100, "num_test": 20}, model={"width": 4},
                          train={"epochs": 1, "batch_size": 50, "tensorboard": True})

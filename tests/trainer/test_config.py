@@ -39,7 +39,7 @@ def test_overrides_are_typed_and_do_not_mutate_the_base() -> None:
     assert config.model.dropout == 0.25
     assert config.augment.flip is False
     assert config.data.num_train is None
-    assert base.train.epochs == Config().train.epochs and base.augment.flip is True
+    assert base.train.epochs == Config().train.epochs and base.augment.flip is Config().augment.flip
 
 
 @pytest.mark.parametrize(
@@ -48,7 +48,7 @@ def test_overrides_are_typed_and_do_not_mutate_the_base() -> None:
         ("train.epochs=three", "train.epochs must be an integer"),
         ("augment.flip=maybe", "augment.flip must be true or false"),
         ("model.dropout=1.5", "model.dropout must be in [0, 1)"),
-        ("optim.optimizer=rmsprop", "optim.optimizer must be sgd or adam"),
+        ("optim.optimizer=lion", "optim.optimizer must be sgd, adam or rmsprop"),
         ("data.dataset=mnist", "data.dataset must be cifar10, imagefolder or synthetic"),
     ],
 )

@@ -31,7 +31,7 @@ from trainer.data import DataError, load_dataset
 from trainer.data.cifar10 import ARCHIVE_NAME
 from trainer.data.cifar10 import load as load_cifar10
 from trainer.data.cifar10_binary import decode_records, encode_records
-from trainer.data.cifar10_pickle import restricted_loads
+from trainer.data.cifar10_pickle import decode_batch, restricted_loads
 
 NAME = "cifar-10-binary.tar.gz"
 
@@ -292,8 +292,6 @@ def test_malicious_pickle_is_refused(python_batches: GeneratedCifar, tmp_path: P
 
 
 def test_python_batch_with_wrong_shape_is_a_clear_error() -> None:
-    from trainer.data.cifar10_pickle import decode_batch
-
     bad = python2_pickle({b"data": np.zeros((3, 100), np.uint8), b"labels": [0, 1, 2]})
     with pytest.raises(DataError, match=r"x: b'data' rows must hold 3072 bytes, found shape \(3, 100\)"):
         decode_batch(bad, "x", num_classes=10)

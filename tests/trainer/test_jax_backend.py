@@ -9,34 +9,21 @@ JAX-trained Keras model gave. That is the path a GPU-trained model takes to prod
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.fixtures.training import tiny_config
+from tests.jax_subprocess import run_under_jax
 
 pytestmark = pytest.mark.slow
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-# Runs in the subprocess. The first finder on sys.meta_path refuses TensorFlow as if it were not
-# installed, so any TensorFlow use left in the trainer (or in Keras' JAX path) fails here. (Not
-# sys.modules["tensorflow"] = None: Keras reads a name in sys.modules as "TensorFlow is loaded".)
+# Runs in the subprocess, TensorFlow hidden (tests/jax_subprocess.py).
 TRAIN_WITHOUT_TENSORFLOW = """
-import importlib.abc
 import sys
-
-class NoTensorFlow(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("tensorflow", "tensorboard", "tf_keras"):
-            raise ModuleNotFoundError(f"No module named {name!r} (hidden: GPU machines lack it)", name=name)
-        return None
-
-sys.meta_path.insert(0, NoTensorFlow())
 config, run_dir, pixels_path, out_path = sys.argv[1:5]
 
 import keras
@@ -64,13 +51,7 @@ def jax_run(
     tiny_config(data={"num_train": 400, "num_test": 100}, train={"epochs": 2}).save(config)
     np.save(work / "pixels.npy", reference_pixels)
     run_dir, out = work / "run", work / "probabilities.npy"
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(
-        [sys.executable, "-c", TRAIN_WITHOUT_TENSORFLOW, str(config), str(run_dir), str(work / "pixels.npy"),
-         str(out)],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_under_jax(TRAIN_WITHOUT_TENSORFLOW, str(config), str(run_dir), str(work / "pixels.npy"), str(out))
     return run_dir, np.load(out)
 
 

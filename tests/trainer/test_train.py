@@ -142,3 +142,64 @@ def test_lr_schedule_warms_up_then_decays(kind: str) -> None:
     assert lr[100] == pytest.approx(0.0, abs=1e-6)
     restored = WarmupSchedule.from_config(schedule.get_config())
     assert float(keras.ops.convert_to_numpy(restored(57))) == pytest.approx(lr[57])
+
+
+@pytest.mark.slow
+def test_ema_best_model_holds_the_averaged_weights_and_resume_keeps_them(tmp_path: Path) -> None:
+    config = tiny_config(
+        data={"num_train": 300, "num_test": 50},
+        model={"width": 8},
+        train={"epochs": 3, "batch_size": 50, "ema_momentum": 0.9},
+    )
+    straight = train(config, tmp_path / "straight", evaluate=False, log=_quiet)
+    with pytest.raises(_Killed):
+        train(config, tmp_path / "killed", callbacks=[_KillAfterEpoch(1)], evaluate=False, log=_quiet)
+    resumed = train(config, tmp_path / "killed", resume=True, evaluate=False, log=_quiet)
+    for a, b in zip(straight.history, resumed.history, strict=True):
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1e-6)
+
+    # Without a validation split the model is the last epoch's: the optimizer's average then.
+    final = tiny_config(data={"num_train": 300, "num_test": 50, "val_fraction": 0.0}, model={"width": 8},
+                        train={"epochs": 2, "batch_size": 50, "ema_momentum": 0.9})
+    run = tmp_path / "final"
+    train(final, run, evaluate=False, log=_quiet)
+    last = keras.saving.load_model(run / "checkpoints" / "last.keras")
+    kept = keras.saving.load_model(run / "model.keras", compile=False)
+    optimizer = last.optimizer
+    averages = optimizer._model_variables_moving_average  # Keras keeps them aligned with the variables
+    assert len(averages) == len(last.trainable_weights) > 0
+    raw_differs = False
+    for raw, average, saved in zip(last.trainable_weights, averages, kept.trainable_weights, strict=True):
+        np.testing.assert_allclose(np.asarray(saved), np.asarray(average), atol=1e-6, err_msg=raw.path)
+        raw_differs |= not np.allclose(np.asarray(raw), np.asarray(average))
+    assert raw_differs, "the model holds the raw weights, not their average"
+
+
+@pytest.mark.slow
+def test_evaluation_reports_flip_tta_beside_the_single_view(trained_run_dir: Path) -> None:
+    metrics = json.loads((trained_run_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_accuracy_flip_tta"] <= 1.0
+    assert "test_accuracy" in metrics  # the headline figure is still the single view
+
+
+@pytest.mark.slow
+def test_run_records_its_recipe_and_the_xla_it_really_used(trained_run_dir: Path) -> None:
+    recipe = json.loads((trained_run_dir / "recipe.json").read_text())
+    assert recipe["batch_size"] == 64 and recipe["flip"] is True and recipe["steps_per_epoch"] == 14
+    environment = json.loads((trained_run_dir / "environment.json").read_text())
+    assert environment["jit_compile"] is False and environment["jit_compile_requested"] is False
+
+
+@pytest.mark.slow
+def test_xla_asked_with_a_layer_that_cannot_compile_is_refused(tmp_path: Path) -> None:
+    config = tiny_config(augment={"rotation": 10.0}, train={"jit_compile": "on", "epochs": 1})
+    with pytest.raises(TrainingError, match=r"aug_rotate.*augment.rotation=0"):
+        train(config, tmp_path / "run", evaluate=False, log=_quiet)
+
+
+@pytest.mark.slow
+def test_no_validation_split_keeps_the_last_epoch(tmp_path: Path) -> None:
+    config = tiny_config(data={"num_train": 200, "num_test": 50, "val_fraction": 0.0},
+                         model={"width": 8}, train={"epochs": 2, "batch_size": 50})
+    result = train(config, tmp_path / "run", evaluate=False, log=_quiet)
+    assert result.best_epoch == 2

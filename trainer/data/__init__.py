@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.data import cifar10, imagefolder, synthetic
 from trainer.data.errors import DataError
+from trainer.data.raw import RawSplits
 from trainer.data.splits import channel_stats, stratified_split
 
 __all__ = ["DATASET_NAMES", "DataError", "Dataset", "load_dataset"]
@@ -89,54 +91,76 @@ def load_dataset(
     download_url / download_md5: a mirror (or test server) and its archive's MD5; the MD5 defaults
     to the official archive's. Bad or missing data raises DataError (a ValueError).
     """
+    _check_sizes(val_fraction, num_train, num_test)
+    raw = _load_raw(name, data_dir=data_dir, cache_dir=cache_dir, seed=seed, num_train=num_train,
+                    num_test=num_test, download_url=download_url, download_md5=download_md5)
+    is_synthetic = name == "synthetic"
+    if not is_synthetic:  # synthetic data was generated at the requested size
+        raw = _limit(raw, num_train, num_test, seed)
+    return _carve_validation(name, raw, val_fraction, seed, is_synthetic=is_synthetic)
+
+
+def _check_sizes(val_fraction: float, num_train: int | None, num_test: int | None) -> None:
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     for label, value in (("num_train", num_train), ("num_test", num_test)):
         if value is not None and value < 1:
             raise ValueError(f"{label} must be a positive number of images, got {value}")
 
-    if name == "synthetic":
-        from trainer.data import synthetic
 
-        raw = synthetic.load(
+def _load_raw(
+    name: str,
+    *,
+    data_dir: Path | None,
+    cache_dir: Path | None,
+    seed: int,
+    num_train: int | None,
+    num_test: int | None,
+    download_url: str | None,
+    download_md5: str | None,
+) -> RawSplits:
+    """Train and test splits from the loader of source `name`."""
+    if name == "synthetic":
+        return synthetic.load(
             num_train=SYNTHETIC_TRAIN if num_train is None else num_train,
             num_test=SYNTHETIC_TEST if num_test is None else num_test,
             seed=seed,
         )
-    elif name == "cifar10":
-        from trainer.data import cifar10
-
-        raw = cifar10.load(data_dir=data_dir, cache_dir=cache_dir, url=download_url, md5=download_md5)
-    elif name == "imagefolder":
-        from trainer.data import imagefolder
-
+    if name == "cifar10":
+        return cifar10.load(data_dir=data_dir, cache_dir=cache_dir, url=download_url, md5=download_md5)
+    if name == "imagefolder":
         if data_dir is None:
             raise DataError(
                 "the imagefolder dataset needs a data directory: pass --data-dir ROOT "
                 "with ROOT/train/<class>/* and ROOT/test/<class>/*"
             )
-        raw = imagefolder.load(Path(data_dir))
-    else:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+        return imagefolder.load(Path(data_dir))
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
 
-    x_train, y_train, x_test, y_test = raw.x_train, raw.y_train, raw.x_test, raw.y_test
-    is_synthetic = name == "synthetic"
-    if not is_synthetic:  # synthetic data was generated at the requested size
-        x_train, y_train = _subset(x_train, y_train, num_train, seed)
-        x_test, y_test = _subset(x_test, y_test, num_test, seed + 1)
 
-    train_idx, val_idx = stratified_split(y_train, val_fraction, seed)
-    x_tr = x_train[train_idx]
+def _limit(raw: RawSplits, num_train: int | None, num_test: int | None, seed: int) -> RawSplits:
+    """Seeded random subsets of at most `num_train` training and `num_test` test images."""
+    x_train, y_train = _subset(raw.x_train, raw.y_train, num_train, seed)
+    x_test, y_test = _subset(raw.x_test, raw.y_test, num_test, seed + 1)
+    return raw._replace(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+
+
+def _carve_validation(
+    name: str, raw: RawSplits, val_fraction: float, seed: int, *, is_synthetic: bool
+) -> Dataset:
+    """Hold out a stratified validation split; statistics come from what is left for training."""
+    train_idx, val_idx = stratified_split(raw.y_train, val_fraction, seed)
+    x_tr = raw.x_train[train_idx]
     mean, std = channel_stats(x_tr)  # training split only, after validation is carved out
     return Dataset(
         name=name,
         class_names=tuple(raw.class_names),
         x_train=x_tr,
-        y_train=y_train[train_idx].astype(np.int32),
-        x_val=x_train[val_idx],
-        y_val=y_train[val_idx].astype(np.int32),
-        x_test=x_test,
-        y_test=y_test.astype(np.int32),
+        y_train=raw.y_train[train_idx].astype(np.int32),
+        x_val=raw.x_train[val_idx],
+        y_val=raw.y_train[val_idx].astype(np.int32),
+        x_test=raw.x_test,
+        y_test=raw.y_test.astype(np.int32),
         mean=mean,
         std=std,
         source=raw.source,

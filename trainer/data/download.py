@@ -90,7 +90,7 @@ def _download(url: str, part: Path, timeout: float) -> None:
     if offset:
         request.add_header("Range", f"bytes={offset}-")
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - http(s) URL by design
+        response = urllib.request.urlopen(request, timeout=timeout)  # an http(s) URL by design
     except urllib.error.HTTPError as err:
         if err.code == 416 and offset:
             # The partial file is not a prefix the server can continue: start over.

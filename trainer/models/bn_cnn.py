@@ -14,14 +14,17 @@ from trainer.models.common import conv_bn_relu, softmax_head
 STAGES = 3
 
 
-def body(x: keras.KerasTensor, *, width: int, dropout: float, bn_momentum: float) -> keras.KerasTensor:
+def body(
+    x: keras.KerasTensor, *, width: int, dropout: float, bn_momentum: float, init: str
+) -> keras.KerasTensor:
     for stage in range(STAGES):
         filters = width * 2**stage
         last = stage == STAGES - 1
-        x = conv_bn_relu(x, filters, bn_momentum=bn_momentum, name=f"s{stage}a")
+        x = conv_bn_relu(x, filters, bn_momentum=bn_momentum, init=init, name=f"s{stage}a")
         # The last conv block's activation is named "last_conv": Grad-CAM reads it.
         x = conv_bn_relu(
-            x, filters, bn_momentum=bn_momentum, name=f"s{stage}b", act_name="last_conv" if last else None
+            x, filters, bn_momentum=bn_momentum, init=init, name=f"s{stage}b",
+            act_name="last_conv" if last else None,
         )
         if not last:
             x = layers.MaxPooling2D(2, name=f"s{stage}_pool")(x)
@@ -30,5 +33,5 @@ def body(x: keras.KerasTensor, *, width: int, dropout: float, bn_momentum: float
     return layers.Dropout(dropout, name="head_dropout")(x)
 
 
-def head(x: keras.KerasTensor, num_classes: int) -> keras.KerasTensor:
-    return softmax_head(x, num_classes)
+def head(x: keras.KerasTensor, num_classes: int, *, bias: bool, init: str) -> keras.KerasTensor:
+    return softmax_head(x, num_classes, bias=bias, init=init)

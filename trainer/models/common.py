@@ -1,4 +1,5 @@
-"""Pieces every architecture shares: the input/normalize/augment stem and the softmax head."""
+"""Pieces every architecture shares: the normalize/augment stem, weight-init schemes, conv and
+dense builders, and the softmax head."""
 
 from __future__ import annotations
 
@@ -47,20 +48,97 @@ def stem(
     return inputs, x
 
 
-def conv_bn_relu(
-    x: keras.KerasTensor, filters: int, *, bn_momentum: float, name: str, act_name: str | None = None
+# Weight initialization schemes, selectable per model (build_model's `init`):
+#   he_normal: He-normal conv and hidden Dense kernels, Glorot-uniform head (Keras' default), zero biases.
+#   torch: PyTorch's default for Conv2d and Linear, as Page's ResNet-9 trains with: kaiming_uniform
+#          (a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for kernels and biases alike.
+INITS = ("he_normal", "torch")
+
+
+def check_init(init: str) -> None:
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of: {', '.join(INITS)}")
+
+
+def kernel_initializer(init: str, *, head: bool = False) -> Any:
+    """A fresh instance per layer: one unseeded instance reused would repeat its values (Keras warns)."""
+    check_init(init)
+    if init == "torch":
+        # VarianceScaling uniform draws from +-sqrt(3 * scale / fan_in): scale 1/3 gives +-1/sqrt(fan_in).
+        return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform")
+    return keras.initializers.GlorotUniform() if head else keras.initializers.HeNormal()
+
+
+def bias_initializer(init: str, fan_in: int) -> Any:
+    check_init(init)
+    if init == "torch":
+        bound = 1.0 / float(np.sqrt(fan_in))
+        return keras.initializers.RandomUniform(-bound, bound)
+    return keras.initializers.Zeros()
+
+
+def conv(
+    x: keras.KerasTensor,
+    filters: int,
+    kernel_size: int = 3,
+    *,
+    init: str,
+    name: str,
+    use_bias: bool = True,
+    activation: str | None = None,
 ) -> keras.KerasTensor:
-    """3x3 conv (He init, no bias: BN's offset replaces it) -> batch norm -> ReLU."""
-    x = layers.Conv2D(
-        filters, 3, padding="same", use_bias=False, kernel_initializer="he_normal", name=f"{name}_conv"
+    """'same'-padded stride-1 conv with the `init` scheme's kernel (and bias) initializers."""
+    fan_in = kernel_size * kernel_size * int(x.shape[-1])
+    return layers.Conv2D(
+        filters,
+        kernel_size,
+        padding="same",
+        activation=activation,
+        use_bias=use_bias,
+        kernel_initializer=kernel_initializer(init),
+        bias_initializer=bias_initializer(init, fan_in),
+        name=name,
     )(x)
+
+
+def dense(
+    x: keras.KerasTensor, units: int, *, init: str, name: str, activation: str | None = None,
+    use_bias: bool = True, head: bool = False,
+) -> keras.KerasTensor:
+    return layers.Dense(
+        units,
+        activation=activation,
+        use_bias=use_bias,
+        kernel_initializer=kernel_initializer(init, head=head),
+        bias_initializer=bias_initializer(init, int(x.shape[-1])),
+        name=name,
+    )(x)
+
+
+def conv_bn_relu(
+    x: keras.KerasTensor,
+    filters: int,
+    *,
+    bn_momentum: float,
+    name: str,
+    act_name: str | None = None,
+    init: str = "he_normal",
+    kernel_size: int = 3,
+) -> keras.KerasTensor:
+    """conv (no bias: BN's offset replaces it) -> batch norm -> ReLU."""
+    x = conv(x, filters, kernel_size, init=init, use_bias=False, name=f"{name}_conv")
     x = layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn")(x)
     return layers.Activation("relu", name=act_name or f"{name}_relu")(x)
 
 
-def softmax_head(x: keras.KerasTensor, num_classes: int, *, scale: float = 1.0) -> keras.KerasTensor:
-    """Dense logits -> softmax computed in float32, so mixed precision never rounds probabilities."""
-    x = layers.Dense(num_classes, name="logits")(x)
+def softmax_head(
+    x: keras.KerasTensor, num_classes: int, *, scale: float = 1.0, bias: bool = True, init: str = "he_normal"
+) -> keras.KerasTensor:
+    """Dense logits -> softmax computed in float32, so mixed precision never rounds probabilities.
+
+    bias=False is Page's ResNet-9 head (Linear(512, 10, bias=False)).
+    """
+    x = dense(x, num_classes, init=init, use_bias=bias, head=True, name="logits")
     if scale != 1.0:
         # ResNet-9 scales logits down (Page: x 0.125) so the softmax starts near uniform.
         x = layers.Rescaling(scale, name="logit_scale")(x)

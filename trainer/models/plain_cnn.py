@@ -9,29 +9,26 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from trainer.models.common import softmax_head
+from trainer.models.common import conv, dense, softmax_head
 
 
-def _conv(x: keras.KerasTensor, filters: int, name: str) -> keras.KerasTensor:
-    return layers.Conv2D(filters, 3, padding="same", activation="relu", kernel_initializer="he_normal",
-                         name=name)(x)
-
-
-def body(x: keras.KerasTensor, *, width: int, dropout: float, bn_momentum: float) -> keras.KerasTensor:
+def body(
+    x: keras.KerasTensor, *, width: int, dropout: float, bn_momentum: float, init: str
+) -> keras.KerasTensor:
     del bn_momentum  # no batch norm in the baseline
-    x = _conv(x, width, "c1a")
-    x = _conv(x, width, "c1b")
+    x = conv(x, width, init=init, activation="relu", name="c1a")
+    x = conv(x, width, init=init, activation="relu", name="c1b")
     x = layers.MaxPooling2D(2, name="pool1")(x)
     x = layers.Dropout(dropout, name="dropout1")(x)
-    x = _conv(x, 2 * width, "c2a")
+    x = conv(x, 2 * width, init=init, activation="relu", name="c2a")
     # The last conv is named "last_conv": Grad-CAM reads it.
-    x = _conv(x, 2 * width, "last_conv")
+    x = conv(x, 2 * width, init=init, activation="relu", name="last_conv")
     x = layers.MaxPooling2D(2, name="pool2")(x)
     x = layers.Dropout(dropout, name="dropout2")(x)
     x = layers.Flatten(name="flatten")(x)
-    x = layers.Dense(16 * width, activation="relu", kernel_initializer="he_normal", name="fc")(x)
+    x = dense(x, 16 * width, init=init, activation="relu", name="fc")
     return layers.Dropout(dropout, name="fc_dropout")(x)
 
 
-def head(x: keras.KerasTensor, num_classes: int) -> keras.KerasTensor:
-    return softmax_head(x, num_classes)
+def head(x: keras.KerasTensor, num_classes: int, *, bias: bool, init: str) -> keras.KerasTensor:
+    return softmax_head(x, num_classes, bias=bias, init=init)
