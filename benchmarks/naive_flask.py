@@ -15,6 +15,8 @@ import numpy as np
 from flask import Flask, jsonify, request
 from PIL import Image
 
+from contract.signatures import INPUT_SIZE
+
 
 def create_app() -> Flask:
     import keras
@@ -27,9 +29,9 @@ def create_app() -> Flask:
     app = Flask(__name__)
 
     @app.post("/predict")
-    def predict():  # noqa: ANN202 - Flask view
+    def predict():
         file = request.files["file"]
-        image = Image.open(file.stream).convert("RGB").resize((32, 32))
+        image = Image.open(file.stream).convert("RGB").resize((INPUT_SIZE, INPUT_SIZE))
         batch = np.expand_dims(np.asarray(image, dtype="float32"), 0)
         probabilities = model.predict(batch, verbose=0)[0]
         return jsonify({name: float(p) for name, p in zip(class_names, probabilities, strict=True)})

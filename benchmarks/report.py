@@ -1,9 +1,12 @@
-"""Write docs/benchmarks.md from the JSON results of the training and serving benchmarks.
+"""Write docs/benchmarks.md from the JSON results of the benchmarks in benchmarks/results/.
 
-`make bench` runs both benchmarks (each writes benchmarks/results/*.json with its own command,
+`make bench` runs the benchmarks (each writes benchmarks/results/*.json with its own command,
 machine and figures) and then this, so the document always shows the figures of the last run
-next to how they were obtained. Figures are side-by-side ratios from one run: this machine is
-shared and noisy, and absolute numbers move with its load.
+next to how they were obtained: every section names its run (command, data, seeds, machine, load
+average), and a section whose results file is absent says "not measured". Figures are side-by-side
+ratios from one run: the machines are shared and noisy, and absolute numbers move with their load.
+
+    python -m benchmarks.report [--results benchmarks/results] [--out docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -11,66 +14,196 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path("benchmarks/results")
+OUT = Path("docs/benchmarks.md")
+GPU_RESULTS = "gpu_*.json"  # a GPU training run's results, when one exists
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+def met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
 
 
-def training_section(data: dict) -> list[str]:
+def machine_text(m: dict[str, Any]) -> str:
+    """The machine a run recorded, in words (the benchmarks record different subsets)."""
+    cpus = m.get("cpu_count", m.get("cpus"))
+    parts = [f"{cpus} CPU cores" + (f" ({m['processor']})" if m.get("processor") else "")]
+    if "gpus" in m:
+        parts.append(f"{m['gpus']} GPUs")
+    parts += [m[k] if k == "platform" else f"Python {m[k]}" for k in ("platform", "python") if m.get(k)]
+    return ", ".join(parts)
+
+
+def load_text(start: float | None, end: float | None = None, *, when: str = "at start") -> str:
+    """The 1-minute load average the run recorded (how busy the shared machine was)."""
+    parts = [f"{start:.1f} {when}" if start is not None else "",
+             f"{end:.1f} at end" if end is not None else ""]  # fmt: skip
+    recorded = ", ".join(p for p in parts if p)
+    return f"load average (1 min) {recorded}" if recorded else "load average not recorded"
+
+
+def run_line(command: str, *, data: str, seeds: str, machine: str, load: str) -> str:
+    return f"Run: `{command.strip()}`; data: {data}; seeds: {seeds}; machine: {machine}; {load}."
+
+
+def not_measured(path: Path, make_target: str) -> list[str]:
+    return [f"Not measured: `{path}` is missing (`{make_target}` writes it).", ""]
+
+
+def _train_run_line(
+    data: dict[str, Any], what: str, seeds: str, start: float | None, end: float | None
+) -> str:
+    m = data["machine"]
+    versions = data["versions"]
+    machine = f"{machine_text(m)}; Keras {versions['keras']} on {versions['backend']}"
+    return run_line(data["command"], data=what, seeds=seeds, machine=machine, load=load_text(start, end))
+
+
+def training_section(data: dict[str, Any]) -> list[str]:
+    m = data["machine"]
     lines = [
-        "## Training throughput (`make bench-train`)",
+        _train_run_line(data, "synthetic shapes (trainer.data.synthetic, seed 0), in memory", "0",
+                        m.get("load_average_1m"), m.get("load_average_1m_end")),
         "",
-        f"Command: `{data['command'].strip()}`; load average at start "
-        f"{data['machine']['load_average_1m']:.1f}; GPUs: {data['machine']['gpus']}; "
-        f"Keras {data['versions']['keras']} on {data['versions']['backend']}.",
         "Bare step: `train_on_batch` on one fixed in-memory batch. Full path: `fit` with shuffling, the",
         "augmentation layers and the input pipeline. Target: the pipeline adds at most 20% to the bare step.",
         "",
         "| arch (width) | params | batch | bare images/s | full images/s | pipeline overhead |",
         "|---|---:|---:|---:|---:|---:|",
-    ]
+    ]  # fmt: skip
     for r in data["results"]:
         lines.append(
             f"| {r['arch']} ({r['width']}) | {r['params']:,} | {r['batch_size']} "
             f"| {r['bare_images_per_s']:.1f} | {r['full_images_per_s']:.1f} | {100 * r['overhead']:.1f}% |"
         )
-    met = data["max_overhead"] <= data["target_max_overhead"]
     lines += [
         "",
-        f"Largest overhead {100 * data['max_overhead']:.1f}%: target {'met' if met else 'MISSED'}.",
+        f"Largest overhead {100 * data['max_overhead']:.1f}%: target "
+        f"{met(data['max_overhead'] <= data['target_max_overhead'])}.",
         "",
     ]
     return lines
 
 
-def serving_section(data: dict) -> list[str]:
+def _augment_text(augment: dict[str, Any]) -> str:
+    parts = [f"translate {augment['translate']}" if augment.get("translate") else "",
+             "flip" if augment.get("flip") else "",
+             f"cutout {augment['cutout']}" if augment.get("cutout") else "",
+             f"rotation {augment['rotation']:g}" if augment.get("rotation") else "",
+             f"brightness {augment['brightness']:g}" if augment.get("brightness") else ""]  # fmt: skip
+    return ", ".join(p for p in parts if p) or "none"
+
+
+def xla_section(data: dict[str, Any]) -> list[str]:
+    x = data.get("xla")
+    if not x:
+        return ["Not measured: the training results hold no XLA comparison (`make bench-train` adds it).", ""]
+    lines = [
+        _train_run_line(data, x["data"], str(x.get("seed", 0)), x.get("load_average_1m_start"),
+                        x.get("load_average_1m_end")),
+        "",
+        f"The model `{x['profile']}` trains: {x['arch']} width {x['width']} ({x['params']:,} parameters),",
+        f"augmentation {_augment_text(x['augment'])}, the profile's optimizer recipe, "
+        f"batch {x['batch_size']};",
+        "built and compiled by the trainer's `make_model` with `jit_compile=True` and with `False`.",
+        f"Their steps alternate on the same batches; medians of {x['steps']} steps after {x['warmup']} "
+        "warm-up steps.",
+        "`model.jit_compile` is read back from the compiled model: Keras silently trains without XLA",
+        "when a layer cannot compile.",
+        "",
+    ]  # fmt: skip
+    if x.get("xla_error"):
+        lines += [f"XLA on: not measured: the trainer refused XLA for this model: {x['xla_error']}", ""]
+    lines += [
+        "| step | jit_compile requested | model.jit_compile (compiled model) | images/s | ms/step "
+        "| first step s (trace + compile) |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for name in ("on", "off"):
+        if name in x:
+            r = x[name]
+            lines.append(f"| XLA {name} | {r['jit_compile_requested']} | {r['jit_compile']} "
+                         f"| {r['images_per_s']:.1f} | {r['ms_per_step']:.1f} | {r['first_step_s']:.1f} |")
+    lines.append("")
+    if "speedup" in x:
+        lines.append(f"XLA on runs at {x['speedup']:.2f}x the images/s of XLA off on this machine"
+                     + ("." if x["xla_kept"] else
+                        ", but Keras dropped XLA for the 'on' model: both ran without XLA."))
+    asked = x["profile_jit_compile"]
+    why = " (auto: XLA only when a GPU is present)" if asked == "auto" else ""
+    lines += [f"The profile asks for `train.jit_compile: {asked}`{why}.", ""]
+    return lines
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def _epochs_text(runs: list[dict[str, Any]], default: int) -> str:
+    epochs = sorted({int(r.get("epochs", default)) for r in runs})
+    return str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}"
+
+
+def small_data_section(data: dict[str, Any]) -> list[str]:
+    d, m = data["data"], data["machine"]
+    ours, seed, same_cpu = data["ours"], data["seed_cnn"], data["seed_cnn_same_cpu"]
+    epochs = int(data["epochs"])
+    seeds = ", ".join(str(r["seed"]) for r in ours["runs"])
+    described = (f"{d['name']}, {d['train']} train / {d['test']} test images "
+                 f"(stratified split, seed {d['split_seed']})")  # fmt: skip
+    lines = [
+        run_line(data["command"], data=described, seeds=seeds, machine=machine_text(m),
+                 load=load_text(m.get("load_average_1m"), when="when the run finished")),
+        "",
+        f"Ours: `python -m trainer train --dataset imagefolder --data-dir ROOT --epochs {epochs}` with only "
+        "the seed added. Seed CNN: TensorFlow's CNN tutorial model (conv32-pool-conv64-pool-conv64-dense64,",
+        "Adam 1e-3, batch 32, pixels / 255) on the same pixels. Same CPU time: the seed CNN given as many",
+        "epochs as fit into our run's CPU time (at most 100). CPU seconds are user + system of the",
+        "training process. Test accuracy on the held-out split, mean +- standard deviation over the seeds.",
+        "",
+        "| contender | epochs | test accuracy (mean +- std) | worst seed | mean CPU s |",
+        "|---|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for name, r in (("ours", ours), ("seed tutorial CNN", seed), ("seed CNN, same CPU time", same_cpu)):
+        accuracy = f"{_percent(r['mean_accuracy'])} +- {_percent(r['std_accuracy'])}"
+        lines.append(f"| {name} | {_epochs_text(r['runs'], epochs)} | {accuracy} "
+                     f"| {_percent(r['min_accuracy'])} | {r['mean_cpu_s']:.0f} |")
+    lines += [""]
+    for label, other in ((f"at {epochs} epochs", seed), ("at the same CPU time", same_cpu)):
+        ok = ours["mean_accuracy"] >= other["mean_accuracy"]
+        lines.append(f"Ours >= the seed CNN's mean accuracy {label}: {met(ok)} "
+                     f"({_percent(ours['mean_accuracy'])} vs {_percent(other['mean_accuracy'])}).")
+    recipe = ours["runs"][0].get("recipe") if ours["runs"] else None
+    if recipe:
+        seed0 = ours["runs"][0]["seed"]
+        lines += ["", f"What our trainer chose for this data (seed {seed0}), as it printed it:", ""]
+        lines += [f"- {line}" for line in recipe]
+    lines.append("")
+    return lines
+
+
+def serving_section(data: dict[str, Any]) -> list[str]:
     s = data["settings"]
     width = f", width {s['width']}" if s.get("width") else ""
+    model = s["run_dir"] or "untrained " + s["arch"] + width
+    command = f"python -m benchmarks.serving_latency --duration {s['duration_s']:g} --workers {s['workers']}"
+    m = data.get("machine", {})
     lines = [
-        "## Serving latency (`make bench-serve`)",
+        run_line(command, data=f"random-pixel 32x32 PNG uploads (numpy seed 0); model: {model}",
+                 seeds="0", machine=machine_text(m) if m else "not recorded",
+                 load=load_text(m.get("load_average_1m"))),
         "",
-        "Command: `python -m benchmarks.serving_latency "
-        f"--duration {s['duration_s']:g} --workers {s['workers']}`"
-        f" (model: {s['run_dir'] or 'untrained ' + s['arch'] + width}). Both apps run under gunicorn with",
-        "the same worker count on this machine; each client sends a request, waits for the answer and sends",
-        "the next (closed loop). The naive app is the tutorial approach: a Flask route calling Keras",
-        "`model.predict` on each upload.",
+        "Both apps run under gunicorn with the same worker count on this machine; each client sends a",
+        "request, waits for the answer and sends the next (closed loop). The naive app is the tutorial",
+        "approach: a Flask route calling Keras `model.predict` on each upload.",
         "",
         "| app | scenario | clients | req/s | images/s | p50 ms | p90 ms | p99 ms | errors |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    ]  # fmt: skip
     for r in data["scenarios"]:
         lines.append(
             f"| {r['app']} | {r['scenario']} | {r['clients']} | {r['rps']:.1f} | {r['images_per_s']:.0f} | "
@@ -94,38 +227,89 @@ def serving_section(data: dict) -> list[str]:
         "| target | result |",
         "|---|---|",
     ]
-    lines += [f"| {name} | {'met' if met else 'MISSED'} |" for name, met in data["targets"].items()]
+    lines += [f"| {name} | {met(ok)} |" for name, ok in data["targets"].items()]
     lines.append("")
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
-    args = parser.parse_args(argv)
+def gpu_section(results: Path) -> list[str]:
+    """GPU training runs, when any wrote results; their layout is the run's own, so shown as recorded."""
+    title = "## GPU training"
+    paths = sorted(results.glob(GPU_RESULTS))
+    if not paths:
+        return [title, "", f"Not measured on a GPU: no GPU run exists (no `{results / GPU_RESULTS}`).", ""]
+    lines = [title, ""]
+    for path in paths:
+        data = json.loads(path.read_text())
+        m = data.get("machine", {})
+        lines += [
+            f"### {path.name}",
+            "",
+            run_line(str(data.get("command", "not recorded")), data=str(data.get("data", "not recorded")),
+                     seeds=str(data.get("seeds", data.get("seed", "not recorded"))),
+                     machine=machine_text(m) if m else "not recorded",
+                     load=load_text(m.get("load_average_1m"))),
+            "",
+            "```json",
+            json.dumps({k: v for k, v in data.items() if k not in ("command", "machine")}, indent=2),
+            "```",
+            "",
+        ]  # fmt: skip
+    return lines
+
+
+Section = Callable[[dict[str, Any]], list[str]]
+# (results file, the make target that writes it, the sections drawn from it: (title, body), in document
+# order)
+SOURCES: tuple[tuple[str, str, tuple[tuple[str, Section], ...]], ...] = (
+    ("train_throughput.json", "make bench-train", (
+        ("## Training throughput (`make bench-train`)", training_section),
+        ("## XLA on vs off, training step (`make bench-train`)", xla_section),
+    )),
+    ("small_data.json", "make bench-small-data", (
+        ("## Small real data: our trainer vs a seed tutorial CNN (`make bench-small-data`)",
+         small_data_section),
+    )),
+    ("serving_latency.json", "make bench-serve", (
+        ("## Serving latency (`make bench-serve`)", serving_section),
+    )),
+)  # fmt: skip
+
+
+def render(results: Path = RESULTS, now: datetime | None = None) -> str:
+    """The whole document from the JSON files in `results`."""
+    now = now or datetime.now(UTC)
     lines = [
         "# Benchmarks",
         "",
         "Written by `make bench` (`benchmarks/report.py`) from the last run's results in",
         "`benchmarks/results/`. Every comparison is side by side in one run on one machine; these",
-        "machines are shared, so read the ratios, not the absolute figures.",
-        "",
-        f"Machine: {os.cpu_count()} CPU cores ({cpu_model()}), no GPU, {platform.platform()}, "
-        f"Python {platform.python_version()}. Written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
+        "machines are shared, so read the ratios, not the absolute figures. Each section names the run",
+        "behind its figures (command, data, seeds, machine, load average).",
+        f"Written {now:%Y-%m-%d %H:%M} UTC.",
         "",
     ]
-    for name, section in (
-        ("train_throughput.json", training_section),
-        ("serving_latency.json", serving_section),
-    ):
-        path = args.results / name
-        if path.is_file():
-            lines += section(json.loads(path.read_text()))
-        else:
-            lines += [f"({path} is missing: run `make bench` to produce it.)", ""]
+    for name, target, sections in SOURCES:
+        path = results / name
+        data = json.loads(path.read_text()) if path.is_file() else None
+        for title, section in sections:
+            lines += [title, ""]
+            lines += section(data) if data is not None else not_measured(path, target)
+    lines += gpu_section(results)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the benchmarks' JSON files")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    text = render(args.results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines).rstrip() + "\n")
+    tmp.write_text(text)
     os.replace(tmp, args.out)
     print(f"wrote {args.out}")
     return 0

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tests.load.gateway_process import running_gateway  # the launcher the load tests and drills use
+from contract.signatures import CHANNELS, IMAGES_KEY, INPUT_SIZE, PROBABILITIES_KEY, SERVING_DEFAULT
+from loadtest.gateway_process import running_gateway  # the launcher the load test and drills use
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BOUNDARY = "benchmark-boundary-7f3a"
 
 
@@ -58,7 +58,8 @@ def sample_pngs(count: int) -> list[bytes]:
     images = []
     for _ in range(count):
         buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
+        pixels = rng.integers(0, 256, (INPUT_SIZE, INPUT_SIZE, CHANNELS), dtype=np.uint8)
+        Image.fromarray(pixels).save(buffer, "PNG")
         images.append(buffer.getvalue())
     return images
 
@@ -128,20 +129,21 @@ def bare_model_call(model_path: Path, batch: int, duration_s: float) -> tuple[fl
     """(images per second, median ms per call) of the SavedModel's serving_default signature, in process."""
     import tensorflow as tf
 
-    signature = tf.saved_model.load(str(model_path)).signatures["serving_default"]
-    images = tf.constant(np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3)).astype(np.float32))
+    signature = tf.saved_model.load(str(model_path)).signatures[SERVING_DEFAULT]
+    shape = (batch, INPUT_SIZE, INPUT_SIZE, CHANNELS)
+    inputs = {IMAGES_KEY: tf.constant(np.random.default_rng(0).integers(0, 256, shape).astype(np.float32))}
     for _ in range(3):
-        signature(images=images)
+        signature(**inputs)
     times: list[float] = []
     start = time.perf_counter()
     while time.perf_counter() - start < duration_s:
         call = time.perf_counter()
-        signature(images=images)["probabilities"].numpy()
+        signature(**inputs)[PROBABILITIES_KEY].numpy()
         times.append(time.perf_counter() - call)
     return len(times) * batch / (time.perf_counter() - start), 1000 * statistics.median(times)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -154,88 +156,104 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per scenario")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers for both apps")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    from trainer.export.publish import publish
 
-    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        work = Path(tmp)
-        run_dir = args.run_dir or build_run_dir(work / "run", args.arch, args.width)
-        model_path = publish(run_dir, work / "models", "cifar10")
-        print(f"model: {run_dir / 'model.keras'} published as {model_path}", flush=True)
+def new_results(args: argparse.Namespace) -> dict:
+    """The results document before any measurement: this machine and the settings of the run."""
+    return {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "settings": {"duration_s": args.duration, "workers": args.workers, "arch": args.arch,
+                     "width": args.width, "run_dir": str(args.run_dir) if args.run_dir else None},
+        "scenarios": [],
+    }  # fmt: skip
 
-        single = sample_pngs(1)
-        batch64 = sample_pngs(64)
-        results: dict = {
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                        "python": platform.python_version()},
-            "settings": {"duration_s": args.duration, "workers": args.workers, "arch": args.arch,
-                         "width": args.width, "run_dir": str(args.run_dir) if args.run_dir else None},
-            "scenarios": [],
-        }  # fmt: skip
 
-        def measure(app: str, port: int, path: str, field: str, images: list[bytes], clients: tuple) -> None:
-            """Closed-loop load at each client count; one result row per count."""
-            body = multipart(field, images)
-            scenario = "1 image" if len(images) == 1 else f"{len(images)} images"
-            for count in clients:
-                measured = closed_loop(port, path, body, count, args.duration)
-                results["scenarios"].append({
-                    "app": app, "scenario": scenario, "clients": count,
-                    "images_per_request": len(images), **measured,
-                    "images_per_s": measured["rps"] * len(images),
-                })  # fmt: skip
-                p50, p99 = measured["p50_ms"] or float("nan"), measured["p99_ms"] or float("nan")
-                print(
-                    f"{app:8} {scenario:10} c={count:<3} rps={measured['rps']:8.1f} "
-                    f"p50={p50:8.2f} ms p99={p99:8.2f} ms errors={measured['errors']}",
-                    flush=True,
-                )
-
-        naive_env = {"NAIVE_RUN_DIR": str(run_dir), "TF_CPP_MIN_LOG_LEVEL": "3"}
-        # The naive app has no health route: a GET on its POST-only /predict answers 405 once up.
-        with running_gateway(
-            naive_env,
-            workers=args.workers,
-            app="benchmarks.naive_flask:create_app()",
-            probe_path="/predict",
-            probe_statuses=(405,),
-            startup_timeout=180,
-        ) as naive:
-            measure("naive", naive.port, "/predict", "file", single, (1, 16))
-
-        gateway_env = {
-            "GATEWAY_MODEL_BASE_PATH": str(work / "models"),
-            "GATEWAY_MODEL_NAME": "cifar10",
-            "GATEWAY_TFSERVING_ADDRESS": "",
-            "TF_CPP_MIN_LOG_LEVEL": "3",
-        }
-        with running_gateway(gateway_env, workers=args.workers, startup_timeout=180) as gateway:
-            measure("gateway", gateway.port, "/v1/predict", "images", single, (1, 16))
-            measure("gateway", gateway.port, "/v1/predict", "images", batch64, (1, 4))
-
-        bare, bare64_ms = bare_model_call(model_path, 64, args.duration)
-        _, bare1_ms = bare_model_call(model_path, 1, min(args.duration, 3.0))
-        results["bare_model"] = {
-            "batch64_images_per_s": bare,
-            "batch64_ms": bare64_ms,
-            "single_image_ms": bare1_ms,
-        }
+def measure(
+    results: dict, app: str, port: int, path: str, field: str, images: list[bytes],
+    clients: tuple[int, ...], duration_s: float,
+) -> None:
+    """Closed-loop load at each client count; one row per count in results["scenarios"]."""
+    body = multipart(field, images)
+    scenario = "1 image" if len(images) == 1 else f"{len(images)} images"
+    for count in clients:
+        measured = closed_loop(port, path, body, count, duration_s)
+        results["scenarios"].append({
+            "app": app, "scenario": scenario, "clients": count,
+            "images_per_request": len(images), **measured,
+            "images_per_s": measured["rps"] * len(images),
+        })  # fmt: skip
+        p50, p99 = measured["p50_ms"] or float("nan"), measured["p99_ms"] or float("nan")
         print(
-            f"bare model in process: batch of 64 {bare:.0f} images/s; one image {bare1_ms:.2f} ms", flush=True
+            f"{app:8} {scenario:10} c={count:<3} rps={measured['rps']:8.1f} "
+            f"p50={p50:8.2f} ms p99={p99:8.2f} ms errors={measured['errors']}",
+            flush=True,
         )
 
-    rows = {(r["app"], r["scenario"], r["clients"]): r for r in results["scenarios"]}
+
+def measure_naive_app(results: dict, run_dir: Path, args: argparse.Namespace) -> None:
+    """The naive Flask app under gunicorn: single-image uploads at 1 and 16 clients."""
+    env = {"NAIVE_RUN_DIR": str(run_dir), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # The naive app has no health route: a GET on its POST-only /predict answers 405 once up.
+    with running_gateway(
+        env,
+        workers=args.workers,
+        app="benchmarks.naive_flask:create_app()",
+        probe_path="/predict",
+        probe_statuses=(405,),
+        startup_timeout=180,
+    ) as naive:
+        measure(results, "naive", naive.port, "/predict", "file", sample_pngs(1), (1, 16), args.duration)
+
+
+def measure_gateway(results: dict, model_base: Path, args: argparse.Namespace) -> None:
+    """The gateway (embedded backend) under gunicorn: single images at 1 and 16 clients, then 64-image
+    requests at 1 and 4."""
+    env = {
+        "GATEWAY_MODEL_BASE_PATH": str(model_base),
+        "GATEWAY_MODEL_NAME": "cifar10",
+        "GATEWAY_TFSERVING_ADDRESS": "",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+    with running_gateway(env, workers=args.workers, startup_timeout=180) as gateway:
+        measure(results, "gateway", gateway.port, "/v1/predict", "images", sample_pngs(1), (1, 16),
+                args.duration)
+        measure(results, "gateway", gateway.port, "/v1/predict", "images", sample_pngs(64), (1, 4),
+                args.duration)
+
+
+def measure_bare_model(model_path: Path, duration_s: float) -> dict:
+    """The SavedModel called in this process, no HTTP: the ceiling for 64-image requests."""
+    bare, bare64_ms = bare_model_call(model_path, 64, duration_s)
+    _, bare1_ms = bare_model_call(model_path, 1, min(duration_s, 3.0))
+    print(f"bare model in process: batch of 64 {bare:.0f} images/s; one image {bare1_ms:.2f} ms", flush=True)
+    return {"batch64_images_per_s": bare, "batch64_ms": bare64_ms, "single_image_ms": bare1_ms}
+
+
+def scenario_rows(results: dict) -> dict[tuple[str, str, int], dict]:
+    """The measured rows by (app, scenario, clients)."""
+    return {(r["app"], r["scenario"], r["clients"]): r for r in results["scenarios"]}
+
+
+def check_targets(results: dict) -> dict[str, bool]:
+    """Each target the gateway is built to meet, and whether this run met it."""
+    rows = scenario_rows(results)
     naive16, gate16 = rows[("naive", "1 image", 16)], rows[("gateway", "1 image", 16)]
     gate1 = rows[("gateway", "1 image", 1)]
     best64 = max(rows[("gateway", "64 images", c)]["images_per_s"] for c in (1, 4))
-    targets = {
+    return {
         "16 clients: gateway rps >= 10x naive": gate16["rps"] >= 10 * naive16["rps"],
         "16 clients: gateway p99 < 100 ms": (gate16["p99_ms"] or 1e9) < 100,
         "1 client: gateway p50 < 5 ms": (gate1["p50_ms"] or 1e9) < 5,
-        "64-image requests >= 0.5x bare model batch throughput": best64 >= 0.5 * bare,
-    }
-    results["targets"] = targets
+        "64-image requests >= 0.5x bare model batch throughput":
+            best64 >= 0.5 * results["bare_model"]["batch64_images_per_s"],
+    }  # fmt: skip
+
+
+def print_summary(results: dict) -> None:
+    """The results as a Markdown table, the speed-up at 16 clients, and each target met or missed."""
+    bare = results["bare_model"]
     print()
     print("| app | scenario | clients | req/s | images/s | p50 ms | p90 ms | p99 ms | errors |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -244,16 +262,41 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['app']} | {r['scenario']} | {r['clients']} | {r['rps']:.1f} | {r['images_per_s']:.0f} | "
             f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |"
         )
-    print(f"| bare model | 64 images, in process | - | - | {bare:.0f} | {bare64_ms:.2f} | - | - | - |")
-    print(f"| bare model | 1 image, in process | - | - | - | {bare1_ms:.2f} | - | - | - |")
+    print(f"| bare model | 64 images, in process | - | - | {bare['batch64_images_per_s']:.0f} | "
+          f"{bare['batch64_ms']:.2f} | - | - | - |")
+    print(f"| bare model | 1 image, in process | - | - | - | {bare['single_image_ms']:.2f} | - | - | - |")
+    rows = scenario_rows(results)
+    naive16, gate16 = rows[("naive", "1 image", 16)], rows[("gateway", "1 image", 16)]
     print(f"\nspeed-up at 16 clients: {gate16['rps'] / max(naive16['rps'], 1e-9):.1f}x requests/s")
-    for name, met in targets.items():
+    for name, met in results["targets"].items():
         print(f"{'MET ' if met else 'MISSED'}  {name}")
+
+
+def write_json(results: dict, out: Path) -> None:
+    """Atomically: a report reading `out` never sees half a file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_suffix(out.suffix + ".tmp")
+    tmp_out.write_text(json.dumps(results, indent=2))
+    os.replace(tmp_out, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from trainer.export.publish import publish
+
+    results = new_results(args)
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        work = Path(tmp)
+        run_dir = args.run_dir or build_run_dir(work / "run", args.arch, args.width)
+        model_path = publish(run_dir, work / "models", "cifar10")
+        print(f"model: {run_dir / 'model.keras'} published as {model_path}", flush=True)
+        measure_naive_app(results, run_dir, args)
+        measure_gateway(results, work / "models", args)
+        results["bare_model"] = measure_bare_model(model_path, args.duration)
+    results["targets"] = check_targets(results)
+    print_summary(results)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp_out.write_text(json.dumps(results, indent=2))
-        os.replace(tmp_out, args.out)
+        write_json(results, args.out)
     return 0
 
 

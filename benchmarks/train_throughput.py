@@ -8,8 +8,14 @@ overhead = full time per image / bare time per image - 1: what the input pipelin
 augmentation add to the model step (target <= 20%). Bare and full steps alternate within one
 run and the medians are compared, so a busy shared machine slows both alike.
 
+Then XLA on vs off (benchmarks/xla_step.py): the model configs/default.yaml trains (bn_cnn width 64,
+translate 4, flip, cutout 8, its optimizer recipe and batch), its training step compiled with
+jit_compile=True and with False, steps interleaved the same way; recorded under "xla", with the
+`jit_compile` the compiled model really kept.
+
     python -m benchmarks.train_throughput [--archs bn_cnn,resnet9,plain_cnn] [--steps 12]
-        [--batch-size 128] [--out benchmarks/results/train_throughput.json]
+        [--batch-size 128] [--xla-profile configs/default.yaml] [--xla-batch-size N] [--no-xla]
+        [--out benchmarks/results/train_throughput.json]
 """
 
 from __future__ import annotations
@@ -17,20 +23,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-from trainer.config import Config, apply_overrides  # noqa: E402
-from trainer.data import synthetic  # noqa: E402
-from trainer.pipeline import ShuffledBatches  # noqa: E402
-from trainer.train import SmoothedSparseCrossentropy, make_optimizer  # noqa: E402
+from benchmarks import machine
+from benchmarks.xla_step import DEFAULT_PROFILE, measure_xla
+from trainer.accelerator import count_gpus
+from trainer.config import Config, apply_overrides
+from trainer.data import synthetic
+from trainer.models import build_model
+from trainer.pipeline import ShuffledBatches
+from trainer.train import SmoothedSparseCrossentropy, make_optimizer
 
 # CPU-sized widths (the GPU profiles use 64): large enough that the step is real work.
 DEFAULT_WIDTHS = {"bn_cnn": 32, "resnet9": 16, "plain_cnn": 32}
@@ -62,8 +72,6 @@ class _Interleaved(keras.callbacks.Callback):
 
 
 def _model(arch: str, width: int, augment: bool, config: Config, steps: int) -> keras.Model:
-    from trainer.models import build_model
-
     keras.utils.set_random_seed(0)
     model = build_model(
         arch, num_classes=10, mean=(120.0, 120.0, 120.0), std=(60.0, 60.0, 60.0),
@@ -103,6 +111,19 @@ def measure(arch: str, width: int, batch_size: int, steps: int, warmup: int = 3)
     }
 
 
+def print_xla(xla: dict[str, Any]) -> None:
+    print(f"{xla['profile']}: {xla['arch']} width {xla['width']}, batch {xla['batch_size']}")
+    for name in ("off", "on"):
+        if name in xla:
+            r = xla[name]
+            print(f"  XLA {name:<3} (model.jit_compile={r['jit_compile']}): {r['images_per_s']:.1f} img/s, "
+                  f"first step {r['first_step_s']:.1f} s")
+    if xla["xla_error"]:
+        print(f"  XLA refused: {xla['xla_error']}")
+    elif "speedup" in xla:
+        print(f"  XLA on / off: {xla['speedup']:.2f}x" + ("" if xla["xla_kept"] else " (Keras dropped XLA)"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -110,13 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", default="bn_cnn,resnet9,plain_cnn")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per measurement")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--xla-profile", type=Path, default=DEFAULT_PROFILE,
+                        help="profile whose model is timed with XLA on and off")
+    parser.add_argument("--xla-batch-size", type=int, default=None,
+                        help="batch for the XLA comparison (default: the profile's)")
+    parser.add_argument("--no-xla", action="store_true", help="skip the XLA on/off comparison")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_throughput.json"))
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be >= 2")
 
-    from trainer.accelerator import count_gpus
-
+    load_start = machine.load_average()
     rows = []
     print(f"{'arch':<10} {'width':>5} {'params':>9} {'bare img/s':>11} {'full img/s':>11} {'overhead':>9}")
     for arch in [a.strip() for a in args.archs.split(",") if a.strip()]:
@@ -126,13 +151,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['full_images_per_s']:>11.1f} {row['overhead']:>8.1%}", flush=True)
     worst = max(r["overhead"] for r in rows)
     print(f"pipeline + augmentation overhead: at most {worst:.1%} of the bare step (target <= 20%)")
+    xla = None if args.no_xla else measure_xla(args.xla_profile, args.steps, args.xla_batch_size)
+    if xla is not None:
+        print_xla(xla)
+    given = argv if argv is not None else sys.argv[1:]
     result = {
-        "command": "python -m benchmarks.train_throughput " + " ".join(argv or []),
+        "command": " ".join(["python -m benchmarks.train_throughput", *given]),
         "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "load_average_1m": os.getloadavg()[0],
+            **machine.describe(),
+            "load_average_1m": load_start,  # at the start of the run
+            "load_average_1m_end": machine.load_average(),
             "gpus": count_gpus(),
         },
         "versions": {"keras": keras.__version__, "backend": keras.backend.backend(),
@@ -140,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": rows,
         "max_overhead": worst,
         "target_max_overhead": 0.20,
+        "xla": xla,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp")
