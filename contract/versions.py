@@ -9,6 +9,9 @@ ignored rather than guessed at:
     which is another directory; the publisher never writes such a name;
   * "²" and other non-ASCII digits: `str.isdigit()` accepts them, `int()` and TF Serving do not.
 
+Each ignored name that is not hidden (".name") is logged once per process as a warning, so a stray
+"²" or "tmp-xyz" is seen, not silently skipped on every poll.
+
 A version is *published* once its saved_model.pb exists: the publisher writes under a hidden name
 and renames the finished directory into place, so a version-named directory without one is a
 hand-made or broken copy.
@@ -19,9 +22,18 @@ ones, TF Serving's default policy serves the newest, and the publisher numbers p
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 
 from contract.signatures import SAVED_MODEL_FILE
+
+log = logging.getLogger(__name__)
+
+# (model directory, entry name) already warned about: the gateway and the TF Serving double list
+# versions on every poll, and one warning per stray name is enough.
+_warned: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()
 
 
 def version_number(name: str) -> int | None:
@@ -41,10 +53,36 @@ def version_directories(model_dir: Path) -> list[int]:
         entries = list(Path(model_dir).iterdir())
     except (FileNotFoundError, NotADirectoryError):
         return []
-    versions = [
-        number for entry in entries if (number := version_number(entry.name)) is not None and entry.is_dir()
-    ]
+    versions = []
+    for entry in entries:
+        number = version_number(entry.name)
+        if number is not None and entry.is_dir():
+            versions.append(number)
+        elif not entry.name.startswith("."):  # hidden names are the publisher's own (.tmp-*, .last-version)
+            _warn_once(entry, number)
     return sorted(versions, reverse=True)
+
+
+def _warn_once(entry: Path, number: int | None) -> None:
+    key = (str(entry.parent), entry.name)
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    if number is not None:
+        why = "a file, not a version directory"
+    elif entry.name.isascii() and entry.name.isdigit():
+        why = (
+            f"not a version name: versions are 1, 2, ... without leading zeros (TF Serving would still load "
+            f"it as version {int(entry.name)}; rename it to {str(int(entry.name))!r} if it is one)"
+            if int(entry.name)
+            else "not a version name: versions start at 1"
+        )
+    else:
+        why = "not a version name: versions are directories named 1, 2, ... (ASCII digits)"
+    log.warning(
+        "ignoring %r in %s: %s; move it out or hide it with a leading '.'", entry.name, entry.parent, why
+    )
 
 
 def published_versions(model_dir: Path) -> list[int]:

@@ -13,6 +13,8 @@
 #   TRAIN_EPOCHS              overrides the profile's epochs (optional)
 #   TRAIN_SET                 space-separated section.key=value overrides, each passed as --set
 #   EXPORT_MIN_ACCURACY, EXPORT_MAX_REGRESSION, EXPORT_KEEP   quality gate and retention (optional)
+#   EXPORT_SERVING_CONFIG     TF Serving's models.config as mounted here: EXPORT_KEEP never removes a
+#                             version it serves, pins or labels (optional, but set it with EXPORT_KEEP)
 #   PYTHON (python3)
 # Exit status: that of the first step that fails; 3 means the quality gate rejected the model.
 set -euo pipefail
@@ -34,6 +36,7 @@ export_args=(export --run-dir "$RUN_DIR" --model-base "$MODEL_BASE" --model-name
 if [[ -n "${EXPORT_MIN_ACCURACY:-}" ]]; then export_args+=(--min-accuracy "$EXPORT_MIN_ACCURACY"); fi
 if [[ -n "${EXPORT_MAX_REGRESSION:-}" ]]; then export_args+=(--max-regression "$EXPORT_MAX_REGRESSION"); fi
 if [[ -n "${EXPORT_KEEP:-}" ]]; then export_args+=(--keep "$EXPORT_KEEP"); fi
+if [[ -n "${EXPORT_SERVING_CONFIG:-}" ]]; then export_args+=(--serving-config "$EXPORT_SERVING_CONFIG"); fi
 
 step() { echo "==> $(date -u +%FT%TZ) $*"; }
 

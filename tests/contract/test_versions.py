@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,23 @@ def test_a_missing_or_non_directory_model_dir_has_no_versions(tmp_path: Path) ->
     (tmp_path / "file").write_bytes(b"x")
     assert published_versions(tmp_path / "file") == []
     assert latest_version(tmp_path / "file") is None
+
+
+def test_odd_names_are_warned_about_once_each_and_hidden_names_not_at_all(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in ("²", "007", "tmp-xyz", "5", ".tmp-6-ab12", ".trash-4-cd34"):
+        make_version(tmp_path, name)
+    (tmp_path / "3").write_bytes(b"a file")
+    (tmp_path / ".last-version").write_text("6\n")
+    caplog.set_level(logging.WARNING, logger="contract.versions")
+    for _ in range(3):  # the gateway and the TF Serving double list versions on every poll
+        assert published_versions(tmp_path) == [5]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "contract.versions"]
+    assert len(warnings) == 4, warnings
+    odd = ("²", "007", "tmp-xyz", "3")
+    by_name = {name: [w for w in warnings if f"ignoring {name!r}" in w] for name in odd}
+    assert all(len(found) == 1 for found in by_name.values()), by_name
+    assert "TF Serving would still load it as version 7; rename it to '7'" in by_name["007"][0]
+    assert "a file, not a version directory" in by_name["3"][0]
+    assert all(str(tmp_path) in w and "hide it with a leading '.'" in w for w in warnings)

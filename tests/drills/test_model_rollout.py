@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from contract.versions import version_directories
 from loadtest.gateway_process import wait_until
 from tests.drills.conftest import POLL_INTERVAL_S, EmbeddedDrillGateway
 from tests.drills.traffic import Traffic
@@ -32,7 +33,7 @@ def served_version(url: str) -> int | None:
 
 
 def highest_version(model_dir: Path) -> int:
-    return max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
+    return version_directories(model_dir)[0]
 
 
 def publish_next(drill: EmbeddedDrillGateway) -> int:

@@ -16,9 +16,11 @@ import pytest
 from contract.signatures import WARMUP_PATH
 from contract.versions import published_versions
 from tests.tfserving_session import TFServingSession
+from tests.trainer.test_export_retention import age
 from trainer.export import cli
 from trainer.export.model_card import read_model_card
-from trainer.export.publish import HIGH_WATER_FILE, QualityGateError, publish
+from trainer.export.publish import QualityGateError, publish
+from trainer.export.retention import HIGH_WATER_FILE, LOCK_FILE
 from trainer.export.warmup import read_warmup_file
 
 pytestmark = pytest.mark.slow
@@ -42,8 +44,13 @@ def _run_with_accuracy(run_dir: Path, tmp_path: Path, accuracy: float) -> Path:
 
 
 def _entries(model_dir: Path) -> list[str]:
-    """Everything in the model directory but the version high-water mark, which belongs there."""
-    return sorted(p.name for p in model_dir.iterdir() if p.name != HIGH_WATER_FILE)
+    """Everything in the model directory but the high-water mark and the publish lock, which belong there."""
+    return sorted(p.name for p in model_dir.iterdir() if p.name not in (HIGH_WATER_FILE, LOCK_FILE))
+
+
+def _export_command(run_dir: Path, base: Path, *extra: str) -> list[str]:
+    flags = ["--run-dir", str(run_dir), "--model-base", str(base), *extra]
+    return [sys.executable, "-m", "trainer.export", *flags]
 
 
 def _temporary_has_files(model_dir: Path) -> bool:
@@ -172,7 +179,10 @@ def test_export_killed_midway_leaves_only_complete_versions(exported_model, tmp_
     with TFServingSession.load(model_dir / "1") as session:  # and it is intact
         assert "serving_default" in session.signature_defs
 
-    # The next export cleans the dead export's leftovers and publishes version 2 normally.
+    # The dead export's leftover is reclaimed once nothing has written to it for an hour (its
+    # exporter was PID 1, like every pod's, so its PID says nothing), and version 2 publishes normally.
+    (leftover,) = [model_dir / n for n in _entries(model_dir) if n.startswith(".tmp-")]
+    age(leftover, 2 * 3600)
     path = publish(exported_model.run_dir, base, "cifar10")
     assert path == model_dir / "2"
     assert _entries(model_dir) == ["1", "2"]
@@ -244,7 +254,7 @@ def test_bad_run_dir_fails_with_a_clear_message(tmp_path, capsys):
 
 def test_publishing_never_replaces_an_existing_version_directory(tmp_path):
     """os.rename would silently replace an empty directory; the publisher refuses (a racing export)."""
-    from trainer.export.publish import _rename_no_overwrite
+    from trainer.export.retention import rename_no_overwrite as _rename_no_overwrite
 
     tmp, final = tmp_path / ".tmp-2-1", tmp_path / "2"
     tmp.mkdir()
@@ -292,3 +302,56 @@ def test_version_numbers_only_grow_even_after_the_newest_is_removed(exported_mod
     assert third.name == "3"
     assert published_versions(base / "cifar10") == [3, 1]  # newest first
     assert (base / "cifar10" / HIGH_WATER_FILE).read_text().strip() == "3"
+
+
+def test_two_exports_at_once_both_publish_with_distinct_numbers(exported_model, tmp_path):
+    """Two real `python -m trainer.export` processes on one model base: the publish lock queues them.
+    Without it both take version 2 and one fails with "appeared while exporting"."""
+    base = _base_with_version_1(exported_model, tmp_path)
+    procs = [
+        subprocess.Popen(
+            _export_command(exported_model.run_dir, base),
+            cwd=Path(__file__).resolve().parents[2],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert sorted(out.strip() for out, _ in outputs) == [str(base / "cifar10" / v) for v in ("2", "3")]
+    assert published_versions(base / "cifar10") == [3, 2, 1]
+    assert [read_model_card(base / "cifar10" / v)["version"] for v in ("2", "3")] == [2, 3]
+    assert _entries(base / "cifar10") == ["1", "2", "3"]
+
+
+def test_keep_spares_the_version_pinned_in_the_serving_config(exported_model, tmp_path, capfd):
+    """docs/deploy.md's pin (specific { versions: 1 }), then nightly exports with --keep 1: version 1,
+    the one TF Serving serves, stays; the log says why."""
+    base = _base_with_version_1(exported_model, tmp_path)
+    config = tmp_path / "models.config"
+    shipped = (Path(__file__).resolve().parents[2] / "k8s" / "tfserving" / "models.config").read_text()
+    config.write_text(shipped.replace("latest {", "specific {").replace("num_versions: 1", "versions: 1"))
+    for expected in ("2", "3"):
+        proc = subprocess.run(
+            _export_command(exported_model.run_dir, base, "--keep", "1", "--serving-config", str(config)),
+            cwd=Path(__file__).resolve().parents[2],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip() == str(base / "cifar10" / expected)
+    assert published_versions(base / "cifar10") == [3, 1]
+    assert f"kept version 1 beyond --keep 1: pinned: specific {{ versions: 1 }} in {config}" in proc.stderr
+    assert "removed version 2" in proc.stderr
+
+
+def test_a_missing_serving_config_fails_before_exporting(exported_model, tmp_path, capsys):
+    base = _base_with_version_1(exported_model, tmp_path)
+    missing = tmp_path / "nope.config"
+    argv = ["--run-dir", str(exported_model.run_dir), "--model-base", str(base)]
+    assert cli.main([*argv, "--keep", "1", "--serving-config", str(missing)]) == 1
+    assert f"--serving-config {missing} does not exist" in capsys.readouterr().err
+    assert _entries(base / "cifar10") == ["1"]

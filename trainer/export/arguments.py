@@ -52,7 +52,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="refuse to publish if test accuracy drops more than this below the newest version",
     )
     parser.add_argument(
-        "--keep", type=_positive_int, default=None, help="keep only the newest N versions (N >= 1)"
+        "--keep",
+        type=_positive_int,
+        default=None,
+        help="keep only the newest N versions (N >= 1), and every version --serving-config serves, "
+        "pins or labels",
+    )
+    parser.add_argument(
+        "--serving-config",
+        default=None,
+        metavar="MODELS_CONFIG",
+        help="TF Serving's models.config (what it reads with --model_config_file): --keep never removes "
+        "a version it serves (latest/all), pins (specific) or labels (version_labels)",
     )
     parser.add_argument(
         "--tta",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from trainer.export.arguments import add_arguments
@@ -14,6 +15,9 @@ EXIT_REJECTED = 3  # quality gate said no; distinct from argparse's 2 and a cras
 
 def run(args: argparse.Namespace) -> int:
     """Publish `args.run_dir` (flags of trainer/export/arguments.py); prints the version's path."""
+    if not logging.getLogger().handlers:
+        # The log (stderr) says what --keep removed and kept, and why; stdout stays the published path.
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         path = publish(
             args.run_dir,
@@ -23,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
             max_regression=args.max_regression,
             keep=args.keep,
             tta=args.tta,
+            serving_config=args.serving_config,
         )
     except QualityGateError as exc:
         print(f"export rejected by quality gate: {exc}", file=sys.stderr)

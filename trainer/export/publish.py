@@ -2,15 +2,14 @@
 
 Layout is TensorFlow Serving's: MODEL_BASE/<name>/<version>/ with version an all-digit directory
 name. TF Serving's file-system source only considers children whose whole name parses as an
-integer, so the hidden `.tmp-<version>-<pid>` directory we write into is invisible to it until the
+integer, so the hidden `.tmp-<version>-<random>` directory we write into is invisible to it until the
 final os.rename, which is atomic within one file system: the server never sees half a version.
+Locking, numbering, leftovers and --keep live in trainer/export/retention.py (no TensorFlow there).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,19 +17,13 @@ from typing import Any
 import keras
 
 import trainer.models  # noqa: F401 - registers the project's custom layers, so load_model reads them
-from contract.versions import published_versions, version_directories
+from contract.versions import published_versions
 from trainer.export.gradcam import find_last_conv_layer
 from trainer.export.model_card import build_model_card, read_model_card, write_model_card
+from trainer.export.retention import publish_version, read_serving_config
 from trainer.export.savedmodel import export_savedmodel, verify_export
 from trainer.export.tta import NONE, check
 from trainer.export.warmup import write_warmup_file
-
-TMP_PREFIX = ".tmp-"
-TRASH_PREFIX = ".trash-"
-# The highest version number ever published here. Versions only grow: after a bad version's folder is
-# removed (a rollback), the next export must not reuse its number, or servers and caches that saw the
-# old one would take different weights for the same version.
-HIGH_WATER_FILE = ".last-version"
 
 
 class QualityGateError(RuntimeError):
@@ -102,43 +95,6 @@ def check_quality_gate(
             )
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temporaries(model_dir: Path) -> list[Path]:
-    """Delete temp/trash directories left by exports that were killed (their pid is gone)."""
-    removed = []
-    for path in model_dir.iterdir() if model_dir.is_dir() else []:
-        if not path.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
-            continue
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def prune_versions(model_dir: Path, keep: int) -> list[int]:
-    """Remove the oldest versions beyond `keep` (>= 1, so the newest always stays); returns those removed."""
-    if keep < 1:
-        raise ValueError(f"--keep must be at least 1 (got {keep}); the newest version is never removed")
-    # Complete versions only: a broken version-named directory must not take the place of one that serves.
-    doomed = sorted(published_versions(model_dir)[keep:])  # oldest first
-    for version in doomed:
-        # Rename first so the server sees the version vanish at once, not file by file.
-        trash = model_dir / f"{TRASH_PREFIX}{version}-{os.getpid()}"
-        os.rename(model_dir / str(version), trash)
-        shutil.rmtree(trash)
-    return doomed
-
-
 def publish(
     run_dir: str | Path,
     model_base: str | Path,
@@ -148,10 +104,13 @@ def publish(
     max_regression: float | None = None,
     keep: int | None = None,
     tta: str = NONE,
+    serving_config: str | Path | None = None,
 ) -> Path:
     """Export RUN_DIR/model.keras as MODEL_BASE/<model_name>/<max existing + 1>/ and return that path.
 
     `tta="flip"` builds test-time flip augmentation into the signatures (trainer/export/tta.py).
+    `keep` prunes to the newest N versions, except those that TF Serving's config `serving_config`
+    (its models.config) serves, pins or labels (trainer/export/retention.py).
     """
     run_dir, model_base = Path(run_dir), Path(model_base)
     if not model_name or "/" in model_name or model_name.startswith("."):
@@ -161,25 +120,22 @@ def publish(
     check(tta)
     run = read_run_dir(run_dir)
     model_dir = model_base / model_name
-    check_quality_gate(run.test_accuracy, model_dir, min_accuracy=min_accuracy, max_regression=max_regression)
-
-    model_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(model_dir)
-    # Every version-named directory counts, complete or not: its number is taken (TF Serving sees it).
-    version = max(version_directories(model_dir)[:1] + [read_high_water(model_dir)]) + 1
-    tmp = model_dir / f"{TMP_PREFIX}{version}-{os.getpid()}"
-    final = model_dir / str(version)
-    try:
-        _write_version(tmp, run, run_dir, model_name, version, tta)
-        _fsync_tree(tmp)  # the files must be on disk before the rename makes them visible
-        _rename_no_overwrite(tmp, final)
-        write_high_water(model_dir, version)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if keep is not None:
-        prune_versions(model_dir, keep)
-    return final
+    if serving_config is not None:
+        serving_config = Path(serving_config)
+        read_serving_config(serving_config, model_name)  # a missing or broken config fails before the export
+    # The floor needs no other version: a rejected run touches nothing. The regression check compares
+    # with the newest version, so it runs again under the publish lock, where no other export can add one.
+    check_quality_gate(run.test_accuracy, model_dir, min_accuracy=min_accuracy)
+    return publish_version(
+        model_dir,
+        lambda tmp, version: _write_version(tmp, run, run_dir, model_name, version, tta),
+        keep=keep,
+        serving_config=serving_config,
+        model_name=model_name,
+        gate=lambda: check_quality_gate(
+            run.test_accuracy, model_dir, min_accuracy=min_accuracy, max_regression=max_regression
+        ),
+    )
 
 
 def _write_version(
@@ -194,52 +150,6 @@ def _write_version(
     write_warmup_file(tmp, model_name, explain=find_last_conv_layer(model) is not None)
     card = build_model_card(run_dir, model_name, version, _architecture(run_dir, model), tta=tta)
     write_model_card(tmp, card)
-
-
-def read_high_water(model_dir: Path) -> int:
-    """The highest version ever published under model_dir (0 when none was recorded)."""
-    try:
-        return int((model_dir / HIGH_WATER_FILE).read_text().strip() or 0)
-    except FileNotFoundError:
-        return 0
-    except ValueError as exc:
-        raise ValueError(
-            f"{model_dir / HIGH_WATER_FILE} does not hold a version number; write the highest version "
-            "ever published there (or delete it to count from the folders present)"
-        ) from exc
-
-
-def write_high_water(model_dir: Path, version: int) -> None:
-    tmp = model_dir / f"{HIGH_WATER_FILE}.{os.getpid()}"
-    tmp.write_text(f"{version}\n")
-    os.replace(tmp, model_dir / HIGH_WATER_FILE)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for path in [os.path.join(dirpath, name) for name in filenames] + [dirpath]:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _rename_no_overwrite(tmp: Path, final: Path) -> None:
-    # os.rename would silently replace an *empty* directory; refuse any existing name instead. A
-    # non-empty one makes rename fail anyway, which covers a concurrent export winning the race.
-    message = f"version {final} appeared while exporting (another export?); not overwriting it"
-    if final.exists():
-        raise FileExistsError(message)
-    try:
-        os.rename(tmp, final)
-    except OSError as exc:
-        raise FileExistsError(message) from exc
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # persist the rename itself
-    finally:
-        os.close(fd)
 
 
 def _architecture(run_dir: Path, model: keras.Model) -> str:
