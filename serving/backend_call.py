@@ -10,6 +10,7 @@ from typing import ParamSpec, TypeVar
 from serving import metrics
 from serving.backends.base import BackendError, BackendTimeout, BackendUnavailable
 from serving.context import backend
+from serving.deadline import remaining_s
 from serving.errors import GatewayError
 
 P = ParamSpec("P")
@@ -22,7 +23,9 @@ def call_backend(method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T
     kind = backend().kind
     start = time.perf_counter()
     try:
-        return method(*args, **kwargs)
+        # The backend gets what is left of the request's deadline (serving/deadline.py), a 504 when
+        # nothing is.
+        return method(*args, timeout_s=remaining_s(), **kwargs)
     except BackendUnavailable as error:
         raise GatewayError(
             503,

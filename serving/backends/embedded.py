@@ -26,6 +26,7 @@ from serving.backends.base import (
     served_detail,
 )
 from serving.backends.explain import explain_saved_model
+from serving.batching import Batcher, BatchingParameters
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,8 +48,8 @@ def load_version(model_dir: Path, version: int, signature_name: str = SERVING_DE
     saved_model = tf.saved_model.load(str(path))
     if signature_name not in saved_model.signatures:
         raise BackendError(
-            f"{path} has no signature {signature_name!r} (it has {sorted(saved_model.signatures)}); "
-            "export it with trainer/export"
+            f"version {version} has no signature {signature_name!r} "
+            f"(it has {sorted(saved_model.signatures)}); export it with trainer/export"
         )
     signature = saved_model.signatures[signature_name]
     outputs = signature(**{IMAGES_KEY: tf.zeros([1, 32, 32, 3], tf.float32)})
@@ -67,16 +68,21 @@ class EmbeddedBackend:
         poll_interval_s: float = 2.0,
         signature_name: str = SERVING_DEFAULT,
         deadline_s: float = 5.0,
-        model_threads: int = 4,
+        batching: BatchingParameters | None = None,
+        explain_threads: int = 2,
     ) -> None:
         self.model_name = model_name
         self.model_dir = Path(model_base_path) / model_name
         self.poll_interval_s = poll_interval_s
         self.signature_name = signature_name
         self.deadline_s = deadline_s
-        # Model calls run on a small pool so a request can give up at its deadline (504) instead of
-        # waiting behind an overloaded CPU; calls still queued at the deadline are cancelled unrun.
-        self._pool = ThreadPoolExecutor(max_workers=model_threads, thread_name_prefix="model")
+        # Predictions from concurrent requests run together (serving/batching.py); explanations (a
+        # backward pass each, rarer) run on their own small pool. Both give up at the deadline
+        # (504) instead of waiting behind an overloaded CPU, and drop work still queued then.
+        self._batcher: Batcher[LoadedModel] = Batcher(
+            self._loaded, _call_signature, batching, name=f"{model_name}-batch"
+        )
+        self._pool = ThreadPoolExecutor(max_workers=explain_threads, thread_name_prefix="explain")
         self._current: LoadedModel | None = None
         self._last_error = ""
         # Versions that failed to load, with their saved_model.pb's mtime: retried only if the file
@@ -89,17 +95,25 @@ class EmbeddedBackend:
         self._poller.start()
 
     def refresh(self) -> bool:
-        """Load the newest loadable version if it is newer than the served one; True if swapped.
+        """Serve the newest loadable version; True if the served version changed.
 
         A broken newest version is skipped in favour of the next one down, so a worker that starts
-        while a bad version sits on disk still serves the newest good one.
+        while a bad version sits on disk still serves the newest good one. A served version that
+        is deleted is replaced by the newest one left (rollback by removal, as TF Serving's
+        `latest` policy does); with none left the backend is not ready.
         """
         current = self._current
-        candidates = [v for v in published_versions(self.model_dir) if current is None or v > current.version]
+        published = published_versions(self.model_dir)
+        removed = current is not None and current.version not in published
+        if removed:  # keep answering with it (it is in memory) until its successor has loaded
+            log.warning("%s version %s was removed; loading another", self.model_name, current.version)
+        candidates = [v for v in published if current is None or removed or v > current.version]
         if not candidates:
-            if current is None:
-                self._last_error = f"no published version under {self.model_dir} yet"
-            return False
+            if removed:
+                self._current = None
+            if self._current is None:
+                self._last_error = "no published version in the model directory yet"
+            return removed
         for version in candidates:
             loaded = self._try_load(version)
             if loaded is None:
@@ -108,6 +122,9 @@ class EmbeddedBackend:
             self._current = loaded
             self._last_error = ""
             log.info("serving %s version %s", self.model_name, version)
+            return True
+        if removed:  # every version left is broken: not ready, rather than serve a deleted one
+            self._current = None
             return True
         return False
 
@@ -120,8 +137,10 @@ class EmbeddedBackend:
             return load_version(self.model_dir, version, self.signature_name)
         except Exception as error:  # a broken version must not take the served one down
             self._broken[version] = marker
-            self._broken_errors[version] = f"{type(error).__name__}: {error}"[:500]
-            self._last_error = f"version {version} under {self.model_dir} failed to load: {error}"
+            # What clients and /readyz see names no path and no exception text (it would show the
+            # server's file layout); the full error is in the log line below.
+            self._broken_errors[version] = f"{type(error).__name__}: the SavedModel could not be loaded"
+            self._last_error = f"version {version} failed to load (details in the gateway log)"
             log.exception("loading %s version %s failed; it will not be served", self.model_name, version)
             return None
 
@@ -147,22 +166,25 @@ class EmbeddedBackend:
             )
         return model
 
-    def _run(self, call: Callable[[], T]) -> T:
-        """`call()` on the model pool, given up at the deadline."""
+    def _timeout(self, timeout_s: float | None) -> float:
+        return self.deadline_s if timeout_s is None else min(self.deadline_s, timeout_s)
+
+    def _run(self, call: Callable[[], T], timeout_s: float) -> T:
+        """`call()` on the explain pool, given up at the deadline."""
         future = self._pool.submit(call)
         try:
-            return future.result(timeout=self.deadline_s)
+            return future.result(timeout=timeout_s)
         except FutureTimeout:
             future.cancel()
             raise BackendTimeout(
-                f"the model did not answer within {self.deadline_s:g}s (the server is overloaded); "
+                f"the model did not answer within {timeout_s:g}s (the server is overloaded); "
                 "retry later or send fewer images per request"
             ) from None
 
-    def predict(self, images: np.ndarray) -> Prediction:
-        model = self._loaded()
+    def predict(self, images: np.ndarray, *, timeout_s: float | None = None) -> Prediction:
+        self._loaded()  # no model: 503 now, not after a trip through the queue
         batch = np.asarray(images, dtype=np.float32)
-        probabilities = self._run(lambda: model.signature(**{IMAGES_KEY: batch})[PROBABILITIES_KEY].numpy())
+        probabilities, model = self._batcher.submit(batch, self._timeout(timeout_s))
         return Prediction(
             probabilities=probabilities,
             class_names=model.class_names,
@@ -170,7 +192,9 @@ class EmbeddedBackend:
             model_version=model.version,
         )
 
-    def explain(self, images: np.ndarray, class_index: int | None = None) -> Explanation:
+    def explain(
+        self, images: np.ndarray, class_index: int | None = None, *, timeout_s: float | None = None
+    ) -> Explanation:
         """Grad-CAM heatmaps from the served version's `explain` signature (class_index None = top)."""
         model = self._loaded()
         return self._run(
@@ -180,7 +204,8 @@ class EmbeddedBackend:
                 class_index,
                 model_name=self.model_name,
                 model_version=model.version,
-            )
+            ),
+            self._timeout(timeout_s),
         )
 
     def status(self) -> ModelStatus:
@@ -193,4 +218,10 @@ class EmbeddedBackend:
 
     def close(self) -> None:
         self._stop.set()
+        self._batcher.close()  # answers what is queued: a worker stopping on SIGTERM loses no request
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _call_signature(model: LoadedModel, rows: np.ndarray) -> np.ndarray:
+    """One batch through the version's compiled serving signature (float32 [N,32,32,3])."""
+    return model.signature(**{IMAGES_KEY: rows})[PROBABILITIES_KEY].numpy()

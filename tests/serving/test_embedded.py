@@ -63,6 +63,30 @@ def test_not_ready_until_a_version_is_published_and_broken_versions_are_skipped(
         backend.close()
 
 
+def test_deleting_the_served_version_rolls_back_to_the_newest_one_left(tmp_path: Path) -> None:
+    import shutil
+
+    write_tiny_model(tmp_path, "cifar10", 1, seed=0)
+    write_tiny_model(tmp_path, "cifar10", 2, seed=1)
+    backend = EmbeddedBackend(tmp_path, "cifar10", poll_interval_s=60)
+    images = np.full((2, 32, 32, 3), 128, np.uint8)
+    try:
+        v2 = backend.predict(images)
+        assert v2.model_version == 2
+        shutil.rmtree(tmp_path / "cifar10" / "2")  # the documented quick rollback: remove the bad one
+        assert backend.refresh() is True
+        v1 = backend.predict(images)
+        assert v1.model_version == 1 and backend.status().version == 1
+        assert not np.allclose(v1.probabilities, v2.probabilities)  # really the other model
+        shutil.rmtree(tmp_path / "cifar10" / "1")  # nothing left: not ready, no deleted model served
+        assert backend.refresh() is True
+        assert not backend.status().ready
+        with pytest.raises(BackendUnavailable, match="no published version"):
+            backend.predict(images)
+    finally:
+        backend.close()
+
+
 def test_starts_on_the_newest_good_version_and_tries_a_broken_one_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -149,7 +173,7 @@ def test_a_model_call_past_the_deadline_is_a_timeout_not_a_hang(tmp_path: Path) 
     import dataclasses
 
     write_tiny_model(tmp_path, "cifar10", 1)
-    backend = EmbeddedBackend(tmp_path, "cifar10", poll_interval_s=60, deadline_s=0.3, model_threads=1)
+    backend = EmbeddedBackend(tmp_path, "cifar10", poll_interval_s=60, deadline_s=0.3)
     try:
         fast = backend._current
         release = threading.Event()
