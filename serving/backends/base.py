@@ -74,11 +74,14 @@ class ExplainUnsupported(Exception):
 class Backend(Protocol):
     kind: str  # "embedded" | "tfserving": the label on backend metrics
 
-    def predict(self, images: np.ndarray) -> Prediction:
-        """uint8 [N, 32, 32, 3] (all images of one request, one batch) -> probabilities."""
+    def predict(self, images: np.ndarray, *, timeout_s: float | None = None) -> Prediction:
+        """uint8 [N, 32, 32, 3] (all images of one request) -> probabilities. `timeout_s` (the
+        request's time left) caps the backend's own deadline: BackendTimeout past it."""
         ...
 
-    def explain(self, images: np.ndarray, class_index: int | None = None) -> Explanation:
+    def explain(
+        self, images: np.ndarray, class_index: int | None = None, *, timeout_s: float | None = None
+    ) -> Explanation:
         """uint8 [N, 32, 32, 3] -> probabilities and a Grad-CAM heatmap per image, of class
         `class_index` (None: each image's top class). Raises ExplainUnsupported when the served
         version was exported without the `explain` signature."""

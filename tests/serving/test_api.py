@@ -162,9 +162,9 @@ def test_truncated_image(gateway_client) -> None:
 
 def test_unsupported_image_format(gateway_client) -> None:
     buffer = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buffer, "TIFF")
+    Image.new("RGB", (8, 8)).save(buffer, "PCX")  # TIFF, WebP, MPO are taken (tests/serving/test_formats.py)
     assert_error(
-        gateway_client.post("/v1/predict", data=files((buffer.getvalue(), "x.tiff"))),
+        gateway_client.post("/v1/predict", data=files((buffer.getvalue(), "x.pcx"))),
         415,
         "unsupported_format",
     )
@@ -246,10 +246,12 @@ def test_unknown_route_is_json_404(gateway_client) -> None:
 class ExplodingBackend:
     kind = "test"
 
-    def predict(self, images: np.ndarray) -> Prediction:
+    def predict(self, images: np.ndarray, *, timeout_s: float | None = None) -> Prediction:
         raise RuntimeError("secret internal detail at /srv/model")
 
-    def explain(self, images: np.ndarray, class_index: int | None = None) -> Explanation:
+    def explain(
+        self, images: np.ndarray, class_index: int | None = None, *, timeout_s: float | None = None
+    ) -> Explanation:
         raise RuntimeError("secret internal detail at /srv/model")
 
     def status(self) -> ModelStatus:
