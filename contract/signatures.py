@@ -11,6 +11,10 @@ from pathlib import PurePosixPath
 INPUT_SIZE = 32  # pixels, height = width, of the model's input
 CHANNELS = 3  # RGB
 MAX_SIDE = 65535  # pixels per image side (JPEG's own limit); both the graph and the gateway refuse longer
+# Pixels per image (width x height as the header declares them, checked before decoding): the exported
+# bytes signatures refuse more; the gateway's default GATEWAY_MAX_PIXELS. 25 Mpx takes the default
+# output of today's phones (12-24 Mpx) and bounds one decode (docs/deploy.md, "Memory").
+MAX_PIXELS = 25_000_000
 
 # Signatures
 SERVING_DEFAULT = "serving_default"  # float32 pixels [N, 32, 32, 3], 0..255

@@ -8,18 +8,29 @@ Uploads, limits, top_k and backend errors are handled by the same request steps 
 refuse bad ones identically.
 The heatmap comes from the model's exported `explain` signature (trainer/export/gradcam.py),
 whichever backend serves it; serving/overlay.py draws it over the 32x32 input the model saw.
+
+An explanation costs several predictions (a backward pass, then a PNG per image), so explain has
+budgets of its own: at most Settings.max_explain_images images a request (GATEWAY_MAX_EXPLAIN_IMAGES)
+and at most Settings.explain_concurrency calls at once per worker (GATEWAY_EXPLAIN_CONCURRENCY); one
+more gets 503 `explain_busy` with Retry-After at once, rather than queueing behind the others and
+taking threads that /v1/predict and /healthz need.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
+from flask.blueprints import BlueprintSetupState
 
 from serving.backend_call import call_backend
 from serving.backends.base import ExplainUnsupported, Explanation
-from serving.context import backend
+from serving.context import SETTINGS_KEY, backend, settings
+from serving.deadline import remaining_s
 from serving.errors import GatewayError
 from serving.overlay import VIEW_SIZE, overlay_png_base64
 from serving.ranking import check_top_k, requested_top_k, scores
@@ -29,6 +40,35 @@ bp = Blueprint("explain", __name__, url_prefix="/v1")
 
 
 CLASS_PARAM = "class"  # optional: explain this class (a name or an index) instead of the top one
+SLOTS_KEY = "gateway.explain_slots"  # app.extensions: this worker's explain semaphore
+BUSY_RETRY_AFTER_S = 1
+
+
+@bp.record
+def _install_slots(state: BlueprintSetupState) -> None:
+    # One semaphore per app, i.e. per gunicorn worker (the factory runs after the fork).
+    state.app.extensions[SLOTS_KEY] = threading.BoundedSemaphore(
+        state.app.extensions[SETTINGS_KEY].explain_concurrency
+    )
+
+
+@contextmanager
+def _explain_slot() -> Iterator[None]:
+    """Hold one of this worker's explain slots for the request; 503 `explain_busy` when none is free."""
+    slots: threading.BoundedSemaphore = current_app.extensions[SLOTS_KEY]
+    if not slots.acquire(blocking=False):
+        limit = settings().explain_concurrency
+        raise GatewayError(
+            503,
+            "explain_busy",
+            f"this gateway worker is already computing {limit} explanations (GATEWAY_EXPLAIN_CONCURRENCY); "
+            f"retry after {BUSY_RETRY_AFTER_S} s, or use /v1/predict for the scores alone",
+            headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+        )
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 def _requested_class(content_type: str) -> str | None:
@@ -103,16 +143,23 @@ def _entry(
 def explain() -> Response:
     content_type = request.mimetype  # parsed once, as in api.predict
     top_k = requested_top_k(content_type)
-    uploads = read_uploads(content_type)
-    batch = model_inputs(uploads)
-    requested = _requested_class(content_type)
-    class_index = None if requested is None else _class_index(requested)
-    explanation = _explain(batch, class_index)
+    with _explain_slot():  # held from decoding to the last overlay: all of it is explain's cost
+        uploads = read_uploads(content_type, max_images=settings().max_explain_images)
+        batch = model_inputs(uploads)
+        requested = _requested_class(content_type)
+        class_index = None if requested is None else _class_index(requested)
+        explanation = _explain(batch, class_index)
+        return _answer(explanation, uploads, batch, top_k, class_index)
+
+
+def _answer(
+    explanation: Explanation, uploads: list[Upload], batch: np.ndarray, top_k: int, class_index: int | None
+) -> Response:
     check_top_k(top_k, explanation.class_names)
-    results = [
-        _entry(explanation, index, upload, batch[index], top_k, class_index)
-        for index, (upload, _) in enumerate(zip(uploads, explanation.probabilities, strict=True))
-    ]
+    results = []
+    for index, (upload, _) in enumerate(zip(uploads, explanation.probabilities, strict=True)):
+        remaining_s()  # past the deadline: stop drawing overlays nobody waits for (504)
+        results.append(_entry(explanation, index, upload, batch[index], top_k, class_index))
     return jsonify(
         {
             "model": {"name": explanation.model_name, "version": explanation.model_version},

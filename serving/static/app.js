@@ -102,6 +102,8 @@ async function explain(images, cards) {
   }
 }
 
+const EXPLAIN_MAX = 8; // the gateway's default explain image cap (serving/config.py)
+
 async function classify(files) {
   const images = Array.from(files).filter((f) => f.size > 0);
   if (images.length === 0) return;
@@ -118,7 +120,8 @@ async function classify(files) {
     const cards = body.predictions.map((p, i) => renderPrediction(images[i], p));
     results.replaceChildren(...cards);
     setStatus(`Model ${body.model.name} version ${body.model.version} answered.`);
-    explain(images, cards);
+    // Overlays for the first EXPLAIN_MAX only: /v1/explain refuses more (GATEWAY_MAX_EXPLAIN_IMAGES).
+    explain(images.slice(0, EXPLAIN_MAX), cards);
   } catch (err) {
     setStatus(`Request failed: ${err}`, true);
   }

@@ -1,7 +1,8 @@
 """Encoded image bytes -> the model's input, in TensorFlow ops: the `serving_bytes` and `explain_bytes`
 path, the gateway's (serving/images.py `decode_image`, then contract/preprocess.py) bit for bit.
 
-Decode any format to RGB (`decode_rgb`: a JPEG turned upright by its EXIF Orientation, transparency
+Refuse an image whose header declares over MAX_PIXELS before decoding it (`refuse_large_declared`),
+decode any format to RGB (`decode_rgb`: a JPEG turned upright by its EXIF Orientation, transparency
 composited on white), refuse a side over MAX_SIDE, then resize as Pillow 13 does (`resize_like_pillow`).
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from contract.signatures import CHANNELS, INPUT_SIZE, MAX_SIDE
+from contract.signatures import CHANNELS, INPUT_SIZE, MAX_PIXELS, MAX_SIDE
 from trainer.export.graph_image.exif import apply_orientation, jpeg_exif_orientation
 from trainer.export.graph_image.pillow_resize import resize_like_pillow
 
@@ -31,7 +32,70 @@ def decode_and_resize(encoded: tf.Tensor) -> tf.Tensor:
     `resize((32, 32), BILINEAR)` for an image of any size.
     """
     # The image is upright by now, so the resize sees the very pixels Pillow's resize sees.
-    return resize_like_pillow(_refuse_long_sides(decode_rgb(encoded)))
+    return resize_like_pillow(_refuse_long_sides(decode_rgb(refuse_large_declared(encoded))))
+
+
+def refuse_large_declared(encoded: tf.Tensor, max_pixels: int = MAX_PIXELS) -> tf.Tensor:
+    """`encoded`, once its header is checked to declare at most `max_pixels` (an InvalidArgumentError,
+    TF Serving's INVALID_ARGUMENT, otherwise). Routed through the check so decoding waits for it.
+
+    The decoders allocate what the header declares: a 100 KiB PNG declaring 20000x20000 would take
+    gigabytes (issue 13). The gateway refuses the same images on their headers (serving/images.py).
+    """
+    check = tf.debugging.assert_less_equal(
+        declared_pixels(encoded),
+        tf.constant(max_pixels, tf.int64),
+        message=f"image declares over {max_pixels} pixels; downscale it before sending "
+        "(the model sees 32x32)",
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(encoded)
+
+
+def declared_pixels(encoded: tf.Tensor) -> tf.Tensor:
+    """Width x height (int64 scalar) as the header of a JPEG, PNG, GIF or BMP declares them, read
+    without decoding; 0 for anything else (the decoder then refuses it with its own error).
+
+    JPEG: its SOF marker (tf.image.extract_jpeg_shape); PNG: IHDR, big-endian uint32 width and height
+    at bytes 16 and 20; GIF: the logical screen, little-endian uint16 at 6 and 8 (the canvas every
+    frame is decoded into); BMP: int32 at 18 and 22 (a negative height means top-down rows), or
+    uint16 at 18 and 20 in the old 12-byte OS/2 core header.
+    """
+    # The first 32 bytes, zero-padded, as int64 values: short inputs read as zeros, never out of range.
+    head = tf.strings.substr(tf.strings.join([tf.strings.substr(encoded, 0, 32), b"\0" * 32]), 0, 32)
+    b = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
+
+    def little(offset: int, size: int) -> tf.Tensor:
+        return sum(b[offset + i] * (1 << (8 * i)) for i in range(size))
+
+    def big(offset: int, size: int) -> tf.Tensor:
+        return sum(b[offset + i] * (1 << (8 * (size - 1 - i))) for i in range(size))
+
+    def signed32(value: tf.Tensor) -> tf.Tensor:
+        return tf.where(value >= 1 << 31, value - (1 << 32), value)
+
+    png = big(16, 4) * big(20, 4)
+    gif = little(6, 2) * little(8, 2)
+    bmp = tf.where(
+        little(14, 4) == 12,
+        little(18, 2) * little(20, 2),
+        tf.abs(signed32(little(18, 4))) * tf.abs(signed32(little(22, 4))),
+    )
+    magic = tf.strings.substr(head, 0, 8)
+    other = tf.where(
+        magic == b"\x89PNG\r\n\x1a\n",
+        png,
+        tf.where(
+            tf.strings.substr(head, 0, 3) == b"GIF",
+            gif,
+            tf.where(tf.strings.substr(head, 0, 2) == b"BM", bmp, tf.constant(0, tf.int64)),
+        ),
+    )
+    return tf.cond(
+        tf.io.is_jpeg(encoded),
+        lambda: tf.reduce_prod(tf.cast(tf.image.extract_jpeg_shape(encoded)[:2], tf.int64)),
+        lambda: other,
+    )
 
 
 def _refuse_long_sides(image: tf.Tensor) -> tf.Tensor:
