@@ -8,7 +8,11 @@ Input and output keys are read from GetModelMetadata's SignatureDefs, not assume
 of the signature, the float output as probabilities and the string output as class labels.
 
 Retries on UNAVAILABLE are gRPC's own (a service-config retryPolicy, contract/channel.py), so they
-happen inside the call's deadline and back off with jitter, without any hand-written loop.
+happen inside the call's deadline and back off with jitter, without any hand-written loop; gRPC's
+retry throttling stops them while most recent attempts to the server failed (no retry storm).
+
+TLS: `ca_file` (or `tls=True` for the system roots) authenticates the server; `cert_file` and
+`key_file` add a client certificate for a server that requires one (mutual TLS).
 """
 
 from __future__ import annotations
@@ -31,7 +35,13 @@ from tensorflow_serving.apis import (
 
 from client.images import ImageInput, read_image, to_pixels
 from client.results import ClientError, ModelStatus, PredictResult, VersionStatus, rank
-from contract.channel import MAX_MESSAGE_BYTES, channel_options, open_channel, retry_service_config
+from contract.channel import (
+    MAX_MESSAGE_BYTES,
+    TLSConfigError,
+    channel_options,
+    open_channel,
+    retry_service_config,
+)
 from contract.signatures import DEFAULT_TOP_K
 from contract.signatures import SERVING_BYTES as BYTES_SIGNATURE
 from contract.signatures import SERVING_DEFAULT as PIXELS_SIGNATURE
@@ -82,6 +92,8 @@ class GRPCClient:
         timeout: float = 10.0,
         tls: bool = False,
         ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
         max_attempts: int = 5,
         initial_backoff_s: float = 0.1,
         max_backoff_s: float = 1.0,
@@ -95,7 +107,13 @@ class GRPCClient:
             max_message_bytes=max_message_bytes,
             service_config=retry_service_config(max_attempts, initial_backoff_s, max_backoff_s),
         )
-        self._channel = open_channel(address, options, tls=tls, ca_file=ca_file)
+        self.tls = tls or any(f is not None for f in (ca_file, cert_file, key_file))
+        try:
+            self._channel = open_channel(
+                address, options, tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file
+            )
+        except TLSConfigError as error:
+            raise ClientError("tls_config", str(error)) from None
         self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
         self._keys: dict[str, _SignatureKeys] = {}
@@ -118,6 +136,8 @@ class GRPCClient:
             hint = _HINTS.get(code, "")
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 hint = f"no answer within {seconds} s; raise the timeout or send fewer images"
+            elif code == grpc.StatusCode.UNAVAILABLE:
+                hint = _unavailable_hint(error.details() or "", self.tls)
             raise ClientError(
                 code.name.lower(),
                 f"TensorFlow Serving at {self.address} answered {code.name}: {error.details()}"
@@ -223,3 +243,19 @@ class GRPCClient:
                 for i, ((name, _), row) in enumerate(zip(files, rows, strict=True))
             ],
         )
+
+
+def _unavailable_hint(details: str, tls: bool) -> str:
+    """Why a server may be unreachable: not running, overloaded, or TLS set up differently on each side."""
+    if "is full" in details:
+        return "the server is overloaded (its batching queue is full); retry later, with fewer requests"
+    lowered = details.lower()
+    if any(word in lowered for word in ("ssl", "handshake", "certificate", "socket closed", "tls")):
+        if tls:
+            return (
+                "the TLS handshake failed: does --ca-file hold the CA that signed the server's "
+                "certificate, does the server serve TLS, and does it require a client certificate "
+                "(--cert-file, --key-file)?"
+            )
+        return "is the server using TLS? then pass --tls or --ca-file (and --cert-file/--key-file for mTLS)"
+    return _HINTS[grpc.StatusCode.UNAVAILABLE]

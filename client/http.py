@@ -1,22 +1,29 @@
 """Client for the gateway's HTTP API (serving/api.py): POST /v1/predict, GET /v1/models, GET /readyz.
 
-One requests.Session per client keeps connections alive between calls. urllib3's Retry handles
-connection failures and 503 answers with exponential backoff, honouring the gateway's Retry-After.
-POST is retried too: a prediction has no side effects, so sending it twice is safe.
+One requests.Session per client keeps connections alive between calls. Failures that a retry can
+fix (no connection, 503) are retried, POST too (a prediction has no side effects), but sparingly,
+so that many clients cannot turn a struggling gateway into a dead one (issue 13, item 5):
+  * at most `retries` retries per call (default 1), each after the gateway's Retry-After (a 503
+    asking for longer than `max_retry_after_s` is reported at once, not retried early) or, without
+    one, an exponential backoff;
+  * a retry budget per client (contract/overload.py): retries add at most 20 % to the calls made
+    over the last 10 s, plus a reserve of 3;
+  * a circuit breaker per client: after `breaker_failures` calls in a row fail (503, no connection,
+    timeout), calls fail at once with `circuit_open` for `breaker_open_s`, then one probe goes out.
 """
 
 from __future__ import annotations
 
 import mimetypes
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from client.images import ImageInput, read_image
 from client.results import ClientError, ImagePrediction, ModelStatus, PredictResult, VersionStatus
+from contract.overload import CircuitBreaker, CircuitOpen, RetryBudget
 from contract.signatures import DEFAULT_TOP_K
 
 
@@ -26,33 +33,31 @@ class HTTPClient:
         base_url: str,
         *,
         timeout: float = 30.0,
-        retries: int = 3,
+        retries: int = 1,
         backoff_factor: float = 0.2,
-        max_retry_after_s: int = 10,
+        max_retry_after_s: float = 10,
+        retry_budget: RetryBudget | None = None,
+        breaker_failures: int = 5,
+        breaker_open_s: float = 5.0,
+        api_key: str | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ClientError(
                 "invalid_url", f"{base_url!r} is not an http(s) URL; e.g. http://localhost:8080"
             )
+        if retries < 0:
+            raise ClientError("invalid_retries", f"retries must be >= 0, got {retries}")
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        retry = Retry(
-            total=retries,
-            connect=retries,
-            read=0,  # a request that timed out mid-answer is reported, not silently repeated
-            status=retries,
-            status_forcelist=(503,),
-            allowed_methods=frozenset({"GET", "POST"}),
-            backoff_factor=backoff_factor,
-            respect_retry_after_header=True,
-            # A Retry-After of minutes would stall the caller; beyond this cap, wait the cap.
-            retry_after_max=int(max_retry_after_s),
-            raise_on_status=False,  # the last 503 comes back as a response, so its JSON error is read
-        )
+        self.retries = retries
+        self.backoff_factor = backoff_factor
+        self.max_retry_after_s = max_retry_after_s
+        self.retry_budget = retry_budget or RetryBudget(0.2, window_s=10.0, min_retries=3)
+        self.breaker = CircuitBreaker(breaker_failures, breaker_open_s)
+        self.attempts = 0  # HTTP requests sent, retries included (for callers' metrics and tests)
         self._session = requests.Session()
-        adapter = HTTPAdapter(max_retries=retry)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
+        if api_key:  # the gateway's API key (serving/auth.py), sent with every request
+            self._session.headers["Authorization"] = f"Bearer {api_key}"
 
     def __enter__(self) -> HTTPClient:
         return self
@@ -66,26 +71,62 @@ class HTTPClient:
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         url = f"{self.base_url}{path}"
         try:
-            response = self._session.request(method, url, timeout=self.timeout, **kwargs)
-        except requests.exceptions.RetryError as error:  # only when raise_on_status would be True
-            raise ClientError("retries_exhausted", f"{url}: {error}") from None
-        except requests.exceptions.ConnectionError as error:
-            if isinstance(error, requests.exceptions.ConnectTimeout):
-                raise ClientError(
-                    "timeout", f"could not connect to {url} within {self.timeout} s; is the gateway running?"
-                ) from None
+            self.breaker.before_call()
+        except CircuitOpen as error:
             raise ClientError(
-                "connection_error",
-                f"could not connect to {url} (retried); is the gateway running at that URL?",
+                "circuit_open",
+                f"{url}: the last {self.breaker.failures} calls to the gateway failed; not calling it "
+                f"for another {error.retry_after_s:.1f} s so it can recover",
             ) from None
-        except requests.exceptions.Timeout:
-            raise ClientError(
-                "timeout",
-                f"{url} did not answer within {self.timeout} s; raise the timeout or send fewer images",
-            ) from None
-        if response.status_code >= 400:
-            raise _error_from(response)
-        return response
+        self.retry_budget.record_call()
+        healthy: bool | None = None  # what this call says about the gateway, for the breaker
+        try:
+            for attempt in range(self.retries + 1):
+                last = attempt == self.retries
+                self.attempts += 1
+                try:
+                    response = self._session.request(method, url, timeout=self.timeout, **kwargs)
+                except requests.exceptions.ConnectionError as error:
+                    # Covers ConnectTimeout too: the request never reached the gateway.
+                    if not last and self._may_retry():
+                        time.sleep(self.backoff_factor * 2**attempt)
+                        continue
+                    healthy = False
+                    raise _connection_error(url, error, self.timeout, attempt + 1) from None
+                except requests.exceptions.Timeout:
+                    # Timed out mid-answer: reported, not silently repeated (the gateway is still busy).
+                    healthy = False
+                    raise ClientError(
+                        "timeout",
+                        f"{url} did not answer within {self.timeout} s; "
+                        "raise the timeout or send fewer images",
+                    ) from None
+                if response.status_code == 503:
+                    wait = self._retry_wait(response, attempt)
+                    if not last and wait is not None and self._may_retry():
+                        time.sleep(wait)
+                        continue
+                    healthy = False
+                    raise _error_from(response)
+                healthy = True if response.status_code < 500 else None
+                if response.status_code >= 400:
+                    raise _error_from(response)
+                return response
+            raise AssertionError("unreachable")
+        finally:
+            self.breaker.record(healthy)
+
+    def _may_retry(self) -> bool:
+        return self.retry_budget.try_retry()
+
+    def _retry_wait(self, response: requests.Response, attempt: int) -> float | None:
+        """Seconds to wait before retrying this 503: its Retry-After, or the backoff; None: do not
+        retry (the gateway asked for a longer pause than this client will wait)."""
+        raw = response.headers.get("Retry-After", "").strip()
+        if not raw.isdigit():  # absent (or an HTTP date, which the gateway never sends)
+            return self.backoff_factor * 2**attempt
+        seconds = float(raw)
+        return seconds if seconds <= self.max_retry_after_s else None
 
     def predict(self, images: Sequence[ImageInput], *, top_k: int = DEFAULT_TOP_K) -> PredictResult:
         """Classify images (paths or (filename, bytes) pairs) in one request."""
@@ -144,11 +185,26 @@ class HTTPClient:
         return ModelStatus(model_name=info["name"], versions=sorted(versions, key=lambda v: -v.version))
 
 
+def _connection_error(
+    url: str, error: requests.exceptions.ConnectionError, timeout: float, attempts: int
+) -> ClientError:
+    if isinstance(error, requests.exceptions.ConnectTimeout):
+        return ClientError(
+            "timeout", f"could not connect to {url} within {timeout} s; is the gateway running?"
+        )
+    tries = f" ({attempts} attempts)" if attempts > 1 else ""
+    return ClientError(
+        "connection_error", f"could not connect to {url}{tries}; is the gateway running at that URL?"
+    )
+
+
 def _error_from(response: requests.Response) -> ClientError:
     try:
         error = response.json()["error"]
         code, message = str(error["code"]), str(error["message"])
-    except (ValueError, KeyError, TypeError):
+        if error.get("request_id"):  # what the gateway's operators look the failure up by
+            message += f" (request_id {error['request_id']})"
+    except (ValueError, KeyError, TypeError, AttributeError):
         code = f"http_{response.status_code}"
         message = (
             f"{response.request.method} {response.url} answered {response.status_code} {response.reason}"

@@ -6,8 +6,11 @@ differently stays a parameter:
   * the connect timeout: the gateway talks to a TF Serving next to it and gives each connect attempt
     as little as `min_connect_timeout_ms`, so a restarted server is used again within a second; a
     client may cross a slow network and keeps gRPC's own 20 s;
-  * retries: the client lets gRPC retry UNAVAILABLE (`retry_service_config`); the gateway retries in
-    its own loop, within the request deadline (serving/backends/tfserving.py).
+  * retries: the client lets gRPC retry UNAVAILABLE (`retry_service_config`, throttled by gRPC's
+    retryThrottling so a failing server sees few retries); the gateway retries in its own loop,
+    within the request deadline and a retry budget (serving/backends/tfserving.py);
+  * TLS: server-authenticated (a CA file, or the system roots) and optionally mutual (a client
+    certificate and key), the same for both.
 """
 
 from __future__ import annotations
@@ -26,8 +29,15 @@ MAX_RECONNECT_BACKOFF_MS = 1000
 ChannelOptions = list[tuple[str, int | str]]
 
 
+# gRPC's retry throttling (gRFC A6): a channel holds max_tokens; each failed attempt takes 1, each
+# success gives back token_ratio; retries stop while fewer than half the tokens are left. So after
+# a handful of consecutive failures retries stop until successes (about 10 % of them) earn them back.
+RETRY_THROTTLING = {"maxTokens": 10, "tokenRatio": 0.1}
+
+
 def retry_service_config(max_attempts: int, initial_backoff_s: float, max_backoff_s: float) -> str:
-    """gRPC service config retrying UNAVAILABLE on both TF Serving services (gRPC caps attempts at 5)."""
+    """gRPC service config retrying UNAVAILABLE on both TF Serving services (gRPC caps attempts at 5),
+    with retry throttling, so a server that sheds load is not hit by every caller's retries."""
     policy = {
         "maxAttempts": max_attempts,
         "initialBackoff": f"{initial_backoff_s}s",
@@ -35,7 +45,12 @@ def retry_service_config(max_attempts: int, initial_backoff_s: float, max_backof
         "backoffMultiplier": 2,
         "retryableStatusCodes": ["UNAVAILABLE"],
     }
-    return json.dumps({"methodConfig": [{"name": [{"service": s} for s in SERVICES], "retryPolicy": policy}]})
+    return json.dumps(
+        {
+            "methodConfig": [{"name": [{"service": s} for s in SERVICES], "retryPolicy": policy}],
+            "retryThrottling": RETRY_THROTTLING,
+        }
+    )
 
 
 def channel_options(
@@ -63,15 +78,48 @@ def channel_options(
     return options
 
 
+class TLSConfigError(ValueError):
+    """A TLS file for the channel is missing or unreadable; the message names it and the fix."""
+
+
+def _read(kind: str, path: str | Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise TLSConfigError(f"cannot read the TLS {kind} file {path}: {error.strerror}") from None
+
+
+def channel_credentials(
+    *,
+    ca_file: str | Path | None = None,
+    cert_file: str | Path | None = None,
+    key_file: str | Path | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS credentials: trust ca_file (None: the system roots); with cert_file and key_file, also
+    present that client certificate (mutual TLS, for a server that requires client certificates)."""
+    if (cert_file is None) != (key_file is None):
+        raise TLSConfigError(
+            "mutual TLS needs both a client certificate and its private key; pass both or neither"
+        )
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read("CA", ca_file) if ca_file is not None else None,
+        private_key=_read("client key", key_file) if key_file is not None else None,
+        certificate_chain=_read("client certificate", cert_file) if cert_file is not None else None,
+    )
+
+
 def open_channel(
     address: str,
     options: ChannelOptions,
     *,
     tls: bool = False,
     ca_file: str | Path | None = None,
+    cert_file: str | Path | None = None,
+    key_file: str | Path | None = None,
 ) -> grpc.Channel:
-    """A channel to address; TLS when tls is set or a CA file is given (no CA file: the system roots)."""
-    if tls or ca_file is not None:
-        root = Path(ca_file).read_bytes() if ca_file is not None else None
-        return grpc.secure_channel(address, grpc.ssl_channel_credentials(root), options=options)
+    """A channel to address; TLS when tls is set or any TLS file is given (no CA file: the system
+    roots); mutual TLS when cert_file and key_file are given. Raises TLSConfigError for bad files."""
+    if tls or ca_file is not None or cert_file is not None or key_file is not None:
+        credentials = channel_credentials(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+        return grpc.secure_channel(address, credentials, options=options)
     return grpc.insecure_channel(address, options=options)

@@ -1,15 +1,27 @@
 """TensorFlow Serving over gRPC (tensorflow-serving-api stubs).
 
 One channel per process, created on first use so each gunicorn worker opens its own after the
-fork (a gRPC channel must not cross a fork). Every call carries the request deadline; only
-UNAVAILABLE is retried, with backoff, and never past the deadline.
+fork (a gRPC channel must not cross a fork), plaintext or TLS (optionally mutual).
+
+Overload control (issue 13, item 5): every call carries the request deadline (capped by the
+caller's `timeout_s`); only UNAVAILABLE from a lost connection is retried, with backoff, within the
+deadline and within a retry budget (contract/overload.py). UNAVAILABLE because TF Serving's batching
+queue is full is how it sheds load: it is never retried, the client gets 503 with Retry-After at
+once. A circuit breaker stops calling a server that failed several calls in a row.
+
+Messages of the exceptions raised here reach clients (serving/backend_call.py puts them in error
+bodies), so they name no address, peer, file path or gRPC detail: those are logged here, under the
+request id.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -21,7 +33,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from contract.channel import channel_options, open_channel
+from contract.channel import channel_credentials, channel_options, open_channel
+from contract.overload import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen, RetryBudget
 from contract.signatures import (
     CHANNELS,
     CLASSES_KEY,
@@ -31,6 +44,7 @@ from contract.signatures import (
     SERVING_DEFAULT,
 )
 from contract.tensors import to_ndarray, to_tensor_proto
+from serving import metrics, request_id
 from serving.backends.base import (
     BackendError,
     BackendTimeout,
@@ -46,6 +60,7 @@ from serving.backends.explain import (
     parse_explain_response,
     unsupported,
 )
+from serving.errors import redact  # what /readyz shows of load errors: paths stay in the log
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # 64 images are 786 KB as float32; leave room for big batches
 RETRY_BACKOFF_S = (0.05, 0.1, 0.2, 0.4)  # then give up: a down backend answers 503 in well under 1 s
@@ -56,6 +71,35 @@ _AVAILABLE = get_model_status_pb2.ModelVersionStatus.State.AVAILABLE
 _END = get_model_status_pb2.ModelVersionStatus.State.END
 # StatusProto.error_code uses TensorFlow's error codes, numbered as gRPC's.
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+# TensorFlow's shared batch scheduler answers UNAVAILABLE "The batch scheduling queue to which this
+# task was submitted is full" (…"is full; task size is N but scheduling capacity is only M" with
+# large-batch splitting) when TF Serving's --enable_batching queue overflows: it is shedding load.
+_SHEDDING = re.compile(r"batch scheduling queue .*is full", re.IGNORECASE)
+SHED_RETRY_AFTER_S = 1
+_BREAKER_LEVELS = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}  # the gateway_breaker_state gauge
+_TLS_HINT = (
+    "if TF Serving serves TLS, set GATEWAY_TFSERVING_TLS_CA to the CA that signed its certificate; if it "
+    "requires client certificates, also GATEWAY_TFSERVING_TLS_CERT and GATEWAY_TFSERVING_TLS_KEY"
+)
+log = logging.getLogger(__name__)
+
+
+def is_shedding(code: grpc.StatusCode, details: str) -> bool:
+    """True for TF Serving's answer when its batching queue is full (it sheds load)."""
+    return code == grpc.StatusCode.UNAVAILABLE and bool(_SHEDDING.search(details))
+
+
+class RPCFailed(BackendError):
+    """TF Serving answered an error: the message is safe for clients, `code` and `details` are not."""
+
+    def __init__(self, message: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.details = details
+
+
+def _log(level: int, message: str, *args: object) -> None:
+    log.log(level, "request_id=%s " + message, request_id.current(), *args)
 
 
 def _probabilities(proto: tensor_pb2.TensorProto) -> np.ndarray:
@@ -76,15 +120,39 @@ class TFServingBackend:
         *,
         signature_name: str = SERVING_DEFAULT,
         deadline_s: float = 5.0,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        breaker_failures: int = 5,
+        breaker_open_s: float = 2.0,
+        retry_budget_ratio: float = 0.1,
     ) -> None:
         self.address = address
         self.model_name = model_name
         self.signature_name = signature_name
         self.deadline_s = deadline_s
+        self._tls = {"ca_file": tls_ca, "cert_file": tls_cert, "key_file": tls_key}
+        self.tls = any(value is not None for value in self._tls.values())
+        if self.tls:
+            channel_credentials(**self._tls)  # unreadable files fail the worker's start, not a request
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._channel: grpc.Channel | None = None
         self._class_names: tuple[str, ...] | None = None
+        self._failed_logged: dict[int, str] = {}
+        self._budget = RetryBudget(retry_budget_ratio)
+        self.breaker = CircuitBreaker(breaker_failures, breaker_open_s, on_state_change=self._breaker_changed)
+        metrics.BREAKER_STATE.labels(backend=self.kind).set(0)
+
+    def _breaker_changed(self, state: str) -> None:
+        metrics.BREAKER_STATE.labels(backend=self.kind).set(_BREAKER_LEVELS[state])
+        metrics.BREAKER_TRANSITIONS.labels(backend=self.kind, state=state).inc()
+        _log(
+            logging.WARNING if state == OPEN else logging.INFO,
+            "circuit breaker to TensorFlow Serving at %s is now %s",
+            self.address,
+            state,
+        )
 
     def _stubs(
         self,
@@ -96,6 +164,7 @@ class TFServingBackend:
                     channel_options(
                         max_message_bytes=MAX_MESSAGE_BYTES, min_connect_timeout_ms=MIN_CONNECT_TIMEOUT_MS
                     ),
+                    **self._tls,
                 )
                 self._pid = os.getpid()
             return (
@@ -103,47 +172,93 @@ class TFServingBackend:
                 model_service_pb2_grpc.ModelServiceStub(self._channel),
             )
 
-    def _call(self, method, request):
-        deadline = time.monotonic() + self.deadline_s
-        for attempt in range(len(RETRY_BACKOFF_S) + 1):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BackendTimeout(
-                    f"TensorFlow Serving at {self.address} did not answer within {self.deadline_s} s"
-                )
-            try:
-                return method(request, timeout=remaining)
-            except grpc.RpcError as error:
-                code = error.code()
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    if (
-                        attempt < len(RETRY_BACKOFF_S)
-                        and deadline - time.monotonic() > RETRY_BACKOFF_S[attempt]
-                    ):
-                        time.sleep(RETRY_BACKOFF_S[attempt])
-                        continue
-                    raise BackendUnavailable(
-                        f"TensorFlow Serving at {self.address} is unavailable ({error.details()})"
-                    ) from None
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise BackendTimeout(
-                        f"TensorFlow Serving at {self.address} did not answer within {self.deadline_s} s"
-                    ) from None
-                if code == grpc.StatusCode.NOT_FOUND:
-                    raise BackendUnavailable(
-                        f"TensorFlow Serving has no servable version of model {self.model_name!r} "
-                        f"({error.details()})"
-                    ) from None
-                raise BackendError(f"TensorFlow Serving answered {code.name}: {error.details()}") from None
-        raise AssertionError("unreachable")
+    def _call(self, method, request, timeout_s: float | None = None):
+        """method(request) within min(deadline_s, timeout_s), through the breaker and the retry budget."""
+        budget_s = self.deadline_s if timeout_s is None else min(self.deadline_s, timeout_s)
+        deadline = time.monotonic() + budget_s
+        try:
+            self.breaker.before_call()
+        except CircuitOpen as error:
+            metrics.BACKEND_RETRIES.labels(backend=self.kind, decision="breaker_open").inc()
+            raise BackendUnavailable(
+                "TensorFlow Serving failed several calls in a row; the gateway pauses calls to it "
+                "(circuit breaker open)",
+                retry_after_s=error.retry_after_header,
+            ) from None
+        self._budget.record_call()
+        # What this call says about the server, for the breaker: False for UNAVAILABLE (down, or
+        # shedding load), True for any answer, None (neutral) for timeouts.
+        healthy: bool | None = None
+        try:
+            for attempt in range(len(RETRY_BACKOFF_S) + 1):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BackendTimeout(f"TensorFlow Serving did not answer within {budget_s:g} s")
+                try:
+                    response = method(request, timeout=remaining)
+                except grpc.RpcError as error:
+                    code, details = error.code(), error.details() or ""
+                    if code == grpc.StatusCode.UNAVAILABLE and not is_shedding(code, details):
+                        if self._may_retry(attempt, deadline):
+                            time.sleep(RETRY_BACKOFF_S[attempt])
+                            continue
+                    # A timeout is neutral: deadlines already bound a slow server's cost (and a
+                    # short remaining request budget says nothing about the server).
+                    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        healthy = None
+                    else:
+                        healthy = code != grpc.StatusCode.UNAVAILABLE
+                    raise self._failure(code, details, attempt + 1, budget_s) from None
+                healthy = True
+                return response
+            raise AssertionError("unreachable")
+        finally:
+            self.breaker.record(healthy)
 
-    def predict(self, images: np.ndarray) -> Prediction:
+    def _may_retry(self, attempt: int, deadline: float) -> bool:
+        """Retry a lost connection only with time for the backoff and room in the retry budget."""
+        if attempt >= len(RETRY_BACKOFF_S) or deadline - time.monotonic() <= RETRY_BACKOFF_S[attempt]:
+            metrics.BACKEND_RETRIES.labels(backend=self.kind, decision="budget_exhausted").inc()
+            return False
+        if not self._budget.try_retry():
+            metrics.BACKEND_RETRIES.labels(backend=self.kind, decision="budget_exhausted").inc()
+            _log(logging.INFO, "retry budget to TensorFlow Serving spent; not retrying")
+            return False
+        metrics.BACKEND_RETRIES.labels(backend=self.kind, decision="retried").inc()
+        return True
+
+    def _failure(self, code: grpc.StatusCode, details: str, attempts: int, budget_s: float) -> Exception:
+        """The exception for a failed RPC, with a client-safe message; the details are logged."""
+        where = f"TensorFlow Serving at {self.address} answered {code.name} after {attempts} attempt(s)"
+        if is_shedding(code, details):
+            metrics.BACKEND_RETRIES.labels(backend=self.kind, decision="load_shed").inc()
+            _log(logging.WARNING, "%s (load shed, not retried): %s", where, details)
+            return BackendUnavailable(
+                "TensorFlow Serving is overloaded and shed this request",
+                retry_after_s=SHED_RETRY_AFTER_S,
+            )
+        if code == grpc.StatusCode.UNAVAILABLE:
+            hint = f"; {_TLS_HINT}" if self.tls or _looks_like_tls(details) else ""
+            _log(logging.WARNING, "%s: %s%s", where, details, hint)
+            return BackendUnavailable("TensorFlow Serving is unavailable")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            _log(logging.WARNING, "%s within %g s: %s", where, budget_s, details)
+            return BackendTimeout(f"TensorFlow Serving did not answer within {budget_s:g} s")
+        _log(logging.WARNING, "%s: %s", where, details)
+        if code == grpc.StatusCode.NOT_FOUND:
+            return BackendUnavailable(
+                f"TensorFlow Serving has no servable version of model {self.model_name!r}"
+            )
+        return RPCFailed(f"TensorFlow Serving answered {code.name}", code, details)
+
+    def predict(self, images: np.ndarray, *, timeout_s: float | None = None) -> Prediction:
+        """Probabilities for uint8 [N, 32, 32, 3]; timeout_s caps the configured deadline."""
         predict_stub, _ = self._stubs()
         request = predict_pb2.PredictRequest()
         request.model_spec.name = self.model_name
         request.model_spec.signature_name = self.signature_name
         request.inputs[IMAGES_KEY].CopyFrom(to_tensor_proto(np.asarray(images, dtype=np.float32)))
-        response = self._call(predict_stub.Predict, request)
+        response = self._call(predict_stub.Predict, request, timeout_s)
         try:
             probabilities = _probabilities(response.outputs[PROBABILITIES_KEY])
             classes_proto = response.outputs[CLASSES_KEY]
@@ -163,14 +278,20 @@ class TFServingBackend:
             model_version=int(response.model_spec.version.value),
         )
 
-    def explain(self, images: np.ndarray, class_index: int | None = None) -> Explanation:
-        """Grad-CAM heatmaps from the `explain` signature, over gRPC (class_index None = top class)."""
+    def explain(
+        self, images: np.ndarray, class_index: int | None = None, *, timeout_s: float | None = None
+    ) -> Explanation:
+        """Grad-CAM heatmaps from the `explain` signature, over gRPC (class_index None = top class);
+        timeout_s caps the configured deadline."""
         predict_stub, _ = self._stubs()
+        request = explain_request(self.model_name, images, class_index)
         try:
-            response = self._call(predict_stub.Predict, explain_request(self.model_name, images, class_index))
-        except BackendError as error:
-            if is_missing_signature(error):
-                raise unsupported(self.model_name, "on TensorFlow Serving", str(error)) from None
+            response = self._call(predict_stub.Predict, request, timeout_s)
+        except RPCFailed as error:
+            if is_missing_signature(BackendError(f"{error.code.name}: {error.details}")):
+                raise unsupported(
+                    self.model_name, "on TensorFlow Serving", "the served version lacks it"
+                ) from None
             raise
         return parse_explain_response(response, len(images), self.model_name)
 
@@ -206,6 +327,13 @@ class TFServingBackend:
             for s in response.model_version_status
             if s.version > version and s.state == _END and s.status.error_code != 0
         }
+        if failed != self._failed_logged:  # the full text (paths included) once, in the log
+            self._failed_logged = failed
+            for number, error in sorted(failed.items()):
+                _log(
+                    logging.WARNING, "model %r version %d failed to load: %s", self.model_name, number, error
+                )
+        failed = {number: redact(error) for number, error in failed.items()}
         detail = served_detail(f"version {version} AVAILABLE", failed)
         return ModelStatus(True, self.model_name, version, self._class_names, detail, failed)
 
@@ -214,3 +342,8 @@ class TFServingBackend:
             if self._channel is not None:
                 self._channel.close()
                 self._channel = None
+
+
+def _looks_like_tls(details: str) -> bool:
+    lowered = details.lower()
+    return any(word in lowered for word in ("ssl", "tls", "handshake", "certificate", "socket closed"))

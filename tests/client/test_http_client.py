@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -84,6 +85,7 @@ def test_gateway_errors_carry_its_code_and_message(gateway):
     assert info.value.status == 400
     assert info.value.code == "not_an_image"
     assert "notes.png" in info.value.message
+    assert re.search(r"\(request_id [0-9a-f]{32}\)$", info.value.message)  # gunicorn's answer carries it
     with pytest.raises(ClientError) as info:
         gateway.predict([("empty.png", b"")], top_k=1)
     assert (info.value.status, info.value.code) == (400, "empty_file")
@@ -104,6 +106,7 @@ class _Scripted(BaseHTTPRequestHandler):
     """Answers 503 with Retry-After for the first `failures` requests, then a gateway-shaped 200."""
 
     failures = 0
+    retry_after = "1"
     seen: list[float] = []
 
     def do_POST(self) -> None:
@@ -111,9 +114,13 @@ class _Scripted(BaseHTTPRequestHandler):
         type(self).seen.append(time.monotonic())
         if len(self.seen) <= self.failures:
             body = {
-                "error": {"code": "backend_unavailable", "message": "model loading; retry after a moment"}
+                "error": {
+                    "code": "backend_unavailable",
+                    "message": "model loading; retry after a moment",
+                    "request_id": "r-17",
+                }
             }
-            self._send(503, body, {"Retry-After": "1"})
+            self._send(503, body, {"Retry-After": type(self).retry_after})
         else:
             probabilities = {"cat": 0.7, "dog": 0.3}
             body = {
@@ -172,3 +179,48 @@ def test_503_after_all_retries_raises_the_gateway_error(scripted):
     assert len(handler.seen) == 2
     assert (info.value.status, info.value.code) == (503, "backend_unavailable")
     assert "retry after a moment" in info.value.message
+    assert "(request_id r-17)" in info.value.message  # what the gateway's log is searched by
+
+
+def test_by_default_a_503_is_retried_once(scripted):
+    url, handler = scripted
+    handler.failures, handler.retry_after = 100, "0"
+    with HTTPClient(url) as client, pytest.raises(ClientError):
+        client.predict([("a.png", b"bytes")])
+    assert len(handler.seen) == 2  # was 4 (3 retries), and up to 5 attempts each at the gateway
+
+
+def test_retry_after_over_the_cap_is_not_retried_early(scripted):
+    url, handler = scripted
+    handler.failures, handler.retry_after = 100, "30"
+    started = time.monotonic()
+    with HTTPClient(url, retries=3, max_retry_after_s=10) as client, pytest.raises(ClientError) as info:
+        client.predict([("a.png", b"bytes")])
+    assert len(handler.seen) == 1 and time.monotonic() - started < 5
+    assert info.value.status == 503
+
+
+def test_retries_stay_within_the_retry_budget(scripted):
+    url, handler = scripted
+    handler.failures, handler.retry_after = 1000, "0"
+    with HTTPClient(url, retries=3, breaker_failures=1000) as client:
+        for _ in range(10):
+            with pytest.raises(ClientError):
+                client.predict([("a.png", b"bytes")])
+    # 10 calls x 4 attempts would be 40; the budget allows a reserve of 3 plus 20 % of the calls.
+    assert 10 <= len(handler.seen) <= 10 + 3 + 2
+
+
+def test_circuit_breaker_fails_fast_then_probes(scripted):
+    url, handler = scripted
+    handler.failures, handler.retry_after = 3, "0"
+    with HTTPClient(url, retries=0, breaker_failures=3, breaker_open_s=0.5) as client:
+        for _ in range(3):
+            with pytest.raises(ClientError):
+                client.predict([("a.png", b"bytes")])
+        with pytest.raises(ClientError) as info:
+            client.predict([("a.png", b"bytes")])
+        assert info.value.code == "circuit_open" and len(handler.seen) == 3  # nothing sent
+        time.sleep(0.6)
+        assert client.predict([("a.png", b"bytes")], top_k=1).model_version == 3  # the probe
+        assert client.predict([("a.png", b"bytes")], top_k=1).model_version == 3  # closed again

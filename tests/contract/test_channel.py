@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import grpc
+import pytest
 
 from contract.channel import (
     MAX_MESSAGE_BYTES,
@@ -53,3 +54,18 @@ def test_open_channel_accepts_the_options() -> None:
         assert isinstance(channel, grpc.Channel)
     with open_channel("127.0.0.1:1", options, tls=True) as channel:
         assert isinstance(channel, grpc.Channel)
+
+
+def test_retries_are_throttled_when_most_attempts_fail() -> None:
+    # gRPC's retryThrottling: a server failing every call stops seeing retries after a few failures.
+    config = json.loads(retry_service_config(5, 0.1, 1.0))
+    assert config["retryThrottling"] == {"maxTokens": 10, "tokenRatio": 0.1}
+
+
+def test_tls_files_are_checked_with_a_clear_error(tmp_path) -> None:
+    from contract.channel import TLSConfigError, channel_credentials
+
+    with pytest.raises(TLSConfigError, match=r"CA file .*missing\.pem"):
+        channel_credentials(ca_file=tmp_path / "missing.pem")
+    with pytest.raises(TLSConfigError, match="both a client certificate and its private key"):
+        channel_credentials(cert_file=tmp_path / "client.pem")

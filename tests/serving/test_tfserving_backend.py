@@ -1,8 +1,11 @@
-"""The TensorFlow Serving backend against the strict gRPC double (tests/tfserving_double)."""
+"""The TensorFlow Serving backend against the strict gRPC double (tests/tfserving_double): answers,
+readiness, deadlines, overload control (no retry of shed load, retry budget, circuit breaker) and
+TLS / mutual TLS to a real TLS gRPC server."""
 
 from __future__ import annotations
 
 import io
+import logging
 import time
 from pathlib import Path
 
@@ -12,7 +15,10 @@ from flask import Flask
 from PIL import Image
 
 from serving.app import create_app
-from serving.config import Settings
+from serving.backends.base import BackendTimeout
+from serving.backends.tfserving import TFServingBackend
+from serving.config import ConfigError, Settings
+from tests.fixtures.tls import PKI, make_pki
 
 pytestmark = pytest.mark.slow  # starts a gRPC server with a SavedModel
 
@@ -27,8 +33,20 @@ def png() -> bytes:
     return buffer.getvalue()
 
 
+def warm(address: str, model_name: str, **tls: object) -> None:
+    """One prediction with a generous deadline: the double's first Predict builds the model's
+    function (about 1 s, more on a busy machine), which the 1 s deadlines below must not pay."""
+    backend = TFServingBackend(address, model_name, deadline_s=120, **tls)
+    try:
+        backend.predict(np.zeros((1, 32, 32, 3), np.uint8))
+        backend.predict(np.zeros((16, 32, 32, 3), np.uint8))
+    finally:
+        backend.close()
+
+
 @pytest.fixture(scope="module")
 def tfserving_app(tfserving_double) -> Flask:
+    warm(tfserving_double.address, tfserving_double.model_name)
     app = create_app(
         Settings(
             tfserving_address=tfserving_double.address, model_name=tfserving_double.model_name, deadline_s=1.0
@@ -179,3 +197,169 @@ def test_readiness_names_a_newer_version_that_failed_to_load(tmp_path) -> None:
             assert "2 failed to load" in body["detail"]
         finally:
             app.extensions["gateway.backend"].close()
+
+
+def breaker_state() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("gateway_breaker_state", {"backend": "tfserving"})
+
+
+def test_shed_load_is_503_at_once_and_never_retried(tfserving_app: Flask, tfserving_controls) -> None:
+    """TF Serving's full batching queue answers UNAVAILABLE; retrying would only add to its load."""
+    client = tfserving_app.test_client()
+    tfserving_controls.server.shed_next(1)
+    calls = tfserving_controls.calls
+    response = client.post("/v1/predict", data=png(), content_type="image/png")
+    assert tfserving_controls.calls - calls == 1  # not retried
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    error = response.get_json()["error"]
+    assert error["code"] == "backend_unavailable" and "overloaded" in error["message"]
+    assert "batch scheduling queue" not in error["message"]  # the server's words stay in the log
+    assert client.post("/v1/predict", data=png(), content_type="image/png").status_code == 200
+
+
+def test_retries_stay_within_the_retry_budget(tfserving_controls) -> None:
+    app = create_app(
+        Settings(
+            tfserving_address=tfserving_controls.address,
+            model_name=tfserving_controls.model_name,
+            deadline_s=2.0,
+            retry_budget_ratio=0.1,
+            breaker_failures=1000,  # this test is about the budget alone
+        )
+    )
+    client = app.test_client()
+    try:
+        tfserving_controls.fail_next(10_000)
+        calls = tfserving_controls.calls
+        for _ in range(20):
+            assert client.post("/v1/predict", data=png(), content_type="image/png").status_code == 503
+        attempts = tfserving_controls.calls - calls
+        # Up to 5 attempts per call before: 100. Now the 20 calls, a reserve of 3 and 10 % of 20.
+        assert 20 <= attempts <= 20 + 3 + 2, attempts
+    finally:
+        tfserving_controls.fail_next(0)
+        app.extensions["gateway.backend"].close()
+
+
+def test_circuit_breaker_fails_fast_then_probes_and_closes(tfserving_controls) -> None:
+    app = create_app(
+        Settings(
+            tfserving_address=tfserving_controls.address,
+            model_name=tfserving_controls.model_name,
+            breaker_failures=3,
+            breaker_open_s=1.0,
+        )
+    )
+    client = app.test_client()
+    try:
+        tfserving_controls.fail_next(10_000)
+        for _ in range(3):
+            assert client.post("/v1/predict", data=png(), content_type="image/png").status_code == 503
+        assert breaker_state() == 2  # open
+        calls = tfserving_controls.calls
+        start = time.perf_counter()
+        response = client.post("/v1/predict", data=png(), content_type="image/png")
+        assert time.perf_counter() - start < 0.5 and tfserving_controls.calls == calls  # no call made
+        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+        assert "circuit breaker open" in response.get_json()["error"]["message"]
+        tfserving_controls.fail_next(0)
+        time.sleep(1.1)
+        assert client.post("/v1/predict", data=png(), content_type="image/png").status_code == 200  # probe
+        assert breaker_state() == 0  # closed
+    finally:
+        tfserving_controls.fail_next(0)
+        app.extensions["gateway.backend"].close()
+
+
+def test_timeout_s_caps_the_deadline_without_tripping_the_breaker(tfserving_controls) -> None:
+    backend = TFServingBackend(
+        tfserving_controls.address, tfserving_controls.model_name, deadline_s=30, breaker_failures=1
+    )
+    try:
+        tfserving_controls.set_delay(2.0)
+        start = time.perf_counter()
+        with pytest.raises(BackendTimeout, match="within 0.3 s"):
+            backend.predict(np.zeros((1, 32, 32, 3), np.uint8), timeout_s=0.3)
+        assert time.perf_counter() - start < 1.5
+        # The caller's short budget ran out, not TF Serving's health: the breaker stays closed.
+        assert backend.breaker.state == "closed"
+    finally:
+        backend.close()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    return make_pki(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def mtls_double(exported_model, pki: PKI):
+    """The double serving TLS only and requiring client certificates signed by the test CA."""
+    from tests.tfserving_double import TFServingDouble
+
+    with TFServingDouble(
+        exported_model.base_path,
+        tls_key_and_cert=pki.server_key_and_cert(),
+        tls_client_ca=pki.ca.read_bytes(),
+    ) as double:
+        warm(
+            double.address,
+            exported_model.name,
+            tls_ca=pki.ca,
+            tls_cert=pki.client_cert,
+            tls_key=pki.client_key,
+        )
+        yield double
+
+
+def tls_app(address: str, model_name: str, **env: str) -> Flask:
+    environ = {"GATEWAY_TFSERVING_ADDRESS": address, "GATEWAY_MODEL_NAME": model_name, **env}
+    return create_app(Settings.from_env(environ))
+
+
+def test_mutual_tls_to_tfserving(mtls_double, exported_model, pki: PKI) -> None:
+    app = tls_app(
+        mtls_double.address,
+        exported_model.name,
+        GATEWAY_TFSERVING_TLS_CA=str(pki.ca),
+        GATEWAY_TFSERVING_TLS_CERT=str(pki.client_cert),
+        GATEWAY_TFSERVING_TLS_KEY=str(pki.client_key),
+    )
+    try:
+        client = app.test_client()
+        assert client.get("/readyz").status_code == 200
+        response = client.post("/v1/predict", data=png(), content_type="image/png")
+        assert response.status_code == 200
+        assert response.get_json()["model"]["version"] == exported_model.version
+    finally:
+        app.extensions["gateway.backend"].close()
+
+
+@pytest.mark.parametrize("with_ca", [False, True], ids=["plaintext", "tls-without-client-cert"])
+def test_tls_mismatch_is_refused_with_a_clear_log(mtls_double, exported_model, pki, with_ca, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="serving")
+    env = {"GATEWAY_TFSERVING_TLS_CA": str(pki.ca)} if with_ca else {}
+    app = tls_app(mtls_double.address, exported_model.name, **env)
+    try:
+        response = app.test_client().post("/v1/predict", data=png(), content_type="image/png")
+        assert response.status_code == 503
+        text = response.get_data(as_text=True)
+        assert mtls_double.address not in text and "ssl" not in text.lower()
+        request_id = response.headers["X-Request-ID"]
+        logged = " ".join(r.getMessage() for r in caplog.records if request_id in r.getMessage())
+        # The log names the address, gRPC's own reason, and which settings to check.
+        assert mtls_double.address in logged and "GATEWAY_TFSERVING_TLS_CA" in logged, logged
+    finally:
+        app.extensions["gateway.backend"].close()
+
+
+def test_tls_settings_are_checked_at_start(pki: PKI, tmp_path) -> None:
+    base = {"GATEWAY_TFSERVING_ADDRESS": "127.0.0.1:8500"}
+    with pytest.raises(ConfigError, match="GATEWAY_TFSERVING_TLS_CA="):
+        Settings.from_env({**base, "GATEWAY_TFSERVING_TLS_CA": str(tmp_path / "missing.pem")})
+    with pytest.raises(ConfigError, match="GATEWAY_TFSERVING_TLS_KEY"):
+        Settings.from_env({**base, "GATEWAY_TFSERVING_TLS_CERT": str(pki.client_cert)})
+    settings = Settings.from_env({**base, "GATEWAY_TFSERVING_TLS_CA": str(pki.ca)})
+    assert settings.tfserving_tls_ca == pki.ca and settings.tfserving_tls_cert is None

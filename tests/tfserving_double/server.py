@@ -4,8 +4,12 @@ Failure controls for client and gateway tests:
   * `set_down(True)` stops the gRPC server, so callers get connection refused (UNAVAILABLE), as when
     the real server's pod is gone; `set_down(False)` starts it again on the same port.
   * `set_delay(seconds)` makes every RPC wait that long before answering (a slow server).
-  * `fail_next(n)` answers the next n RPCs with UNAVAILABLE (a server shedding load), and `calls`
+  * `fail_next(n)` answers the next n RPCs with UNAVAILABLE (a server shutting down), and `calls`
     counts the RPCs received, so retry policies can be checked attempt by attempt.
+  * `shed_next(n)` answers the next n RPCs UNAVAILABLE with the real batching queue's "is full"
+    message: TF Serving shedding load, which callers must not retry.
+  * `tls_key_and_cert` serves TLS only; with `tls_client_ca` too, clients must present a certificate
+    that CA signed (mutual TLS), as TF Serving's --ssl_config_file with client_verify does.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class TFServingDouble:
         all_versions: bool = False,
         workers: int = 8,
         tls_key_and_cert: tuple[bytes, bytes] | None = None,
+        tls_client_ca: bytes | None = None,
     ) -> None:
         self.registry = ModelRegistry(Path(model_base), all_versions=all_versions)
         self.host = host
@@ -42,6 +47,7 @@ class TFServingDouble:
         self.poll_interval_s = poll_interval_s
         self._workers = workers
         self._tls = tls_key_and_cert  # PEM private key and certificate chain: serve TLS only
+        self._tls_client_ca = tls_client_ca  # PEM CA: require client certificates it signed
         self.faults = Faults()
         self._server: grpc.Server | None = None
         self._stop_polling = threading.Event()
@@ -92,6 +98,9 @@ class TFServingDouble:
     def fail_next(self, count: int) -> None:
         self.faults.fail_next(count)
 
+    def shed_next(self, count: int) -> None:
+        self.faults.shed_next(count)
+
     @property
     def calls(self) -> int:
         return self.faults.calls
@@ -111,7 +120,12 @@ class TFServingDouble:
             ModelServicer(self.registry, self.faults), server
         )
         if self._tls is not None:
-            bound = server.add_secure_port(self.address, grpc.ssl_server_credentials([self._tls]))
+            credentials = grpc.ssl_server_credentials(
+                [self._tls],
+                root_certificates=self._tls_client_ca,
+                require_client_auth=self._tls_client_ca is not None,
+            )
+            bound = server.add_secure_port(self.address, credentials)
         else:
             bound = server.add_insecure_port(self.address)
         if bound == 0:

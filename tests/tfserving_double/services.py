@@ -22,6 +22,9 @@ from tests.tfserving_double.servable import ServingError
 SIGNATURE_DEF_FIELD = "signature_def"  # the only metadata field TF Serving supports
 # grpc_status_util.cc ToGRPCStatus: longer messages are cut here and marked.
 ERROR_MESSAGE_LIMIT = 1024
+# TensorFlow's shared_batch_scheduler.h, verbatim: what TF Serving with --enable_batching answers
+# (UNAVAILABLE) when its batching queue is full, i.e. when it sheds load.
+QUEUE_FULL_MESSAGE = "The batch scheduling queue to which this task was submitted is full"
 
 
 def _model_spec(request):
@@ -59,20 +62,28 @@ class Faults:
         self.delay_s = 0.0
         self.calls = 0
         self._unavailable_left = 0
+        self._shed_left = 0
         self._lock = threading.Lock()
 
     def fail_next(self, count: int) -> None:
         with self._lock:
             self._unavailable_left = count
 
-    def on_call(self) -> bool:
-        """Count a call; True when it must be answered UNAVAILABLE."""
+    def shed_next(self, count: int) -> None:
+        with self._lock:
+            self._shed_left = count
+
+    def on_call(self) -> str | None:
+        """Count a call; the UNAVAILABLE message it must be answered with, or None."""
         with self._lock:
             self.calls += 1
+            if self._shed_left > 0:
+                self._shed_left -= 1
+                return QUEUE_FULL_MESSAGE
             if self._unavailable_left > 0:
                 self._unavailable_left -= 1
-                return True
-            return False
+                return "Server is shutting down (tfserving double fault)"
+            return None
 
 
 class _Base:
@@ -81,9 +92,10 @@ class _Base:
         self._faults = faults
 
     def _handle(self, context: grpc.ServicerContext, work: Callable[[], object]):
-        if self._faults.on_call():
-            # What a server that is shutting down or overloaded answers; clients may retry it.
-            context.abort(grpc.StatusCode.UNAVAILABLE, "Server is shutting down (tfserving double fault)")
+        unavailable = self._faults.on_call()
+        if unavailable is not None:
+            # A server shutting down (clients may retry elsewhere) or shedding load (they must not).
+            context.abort(grpc.StatusCode.UNAVAILABLE, unavailable)
         if self._faults.delay_s > 0:
             time.sleep(self._faults.delay_s)  # a slow server: the client's deadline decides the outcome
         try:

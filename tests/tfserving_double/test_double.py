@@ -439,3 +439,13 @@ def test_fail_next_answers_unavailable_then_recovers(predict_stub, tfserving_con
     assert _error(predict_stub.Predict, request).code() == grpc.StatusCode.UNAVAILABLE
     assert predict_stub.Predict(request, timeout=10).model_spec.name == tfserving_controls.model_name
     assert tfserving_controls.calls == before + 2
+
+
+def test_shed_next_answers_like_a_full_batching_queue(predict_stub, tfserving_controls):
+    request = _request(tfserving_controls.model_name, images=_pixels(1))
+    tfserving_controls.server.shed_next(1)
+    error = _error(predict_stub.Predict, request)
+    # TensorFlow's shared batch scheduler, verbatim: how TF Serving sheds load.
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.details() == "The batch scheduling queue to which this task was submitted is full"
+    assert predict_stub.Predict(request, timeout=10).model_spec.name == tfserving_controls.model_name
