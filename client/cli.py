@@ -25,9 +25,12 @@ def _parser() -> argparse.ArgumentParser:
         target = sub.add_mutually_exclusive_group()
         target.add_argument("--url", help=f"gateway base URL (default $CIFAR10_URL or {DEFAULT_URL})")
         target.add_argument("--grpc", metavar="HOST:PORT", help="TensorFlow Serving gRPC address instead")
+        sub.add_argument("--api-key", help="gateway API key, if it wants one (default $CIFAR10_API_KEY)")
         sub.add_argument("--model", default="cifar10", help="model name on TensorFlow Serving (--grpc)")
         sub.add_argument("--tls", action="store_true", help="use TLS for --grpc")
         sub.add_argument("--ca-file", help="CA certificate (PEM) for --grpc with TLS")
+        sub.add_argument("--cert-file", help="client certificate (PEM) for --grpc with mutual TLS")
+        sub.add_argument("--key-file", help="client private key (PEM) for --grpc with mutual TLS")
         sub.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -45,10 +48,22 @@ def _client(args: argparse.Namespace):
     if args.grpc:
         from client.grpc import GRPCClient  # imported on demand: it loads TensorFlow's protos
 
-        return GRPCClient(args.grpc, args.model, timeout=args.timeout, tls=args.tls, ca_file=args.ca_file)
+        return GRPCClient(
+            args.grpc,
+            args.model,
+            timeout=args.timeout,
+            tls=args.tls,
+            ca_file=args.ca_file,
+            cert_file=args.cert_file,
+            key_file=args.key_file,
+        )
     from client.http import HTTPClient
 
-    return HTTPClient(args.url or os.environ.get("CIFAR10_URL") or DEFAULT_URL, timeout=args.timeout)
+    return HTTPClient(
+        args.url or os.environ.get("CIFAR10_URL") or DEFAULT_URL,
+        timeout=args.timeout,
+        api_key=args.api_key or os.environ.get("CIFAR10_API_KEY") or None,
+    )
 
 
 def format_predictions(result: PredictResult) -> str:

@@ -4,6 +4,11 @@ Good requests carry real CIFAR-10 photos (upscaled, because users upload camera-
 32x32 thumbnails) as JPEG and PNG, alone and in batches; without the shared photos, generated images
 stand in. Bad requests (not an image, an empty file, too many images) must get their 4xx: a 5xx or a
 200 for them is a defect just like a failed good request.
+
+Explanations (POST /v1/explain: a backward pass and an overlay PNG per image) come from their own mix,
+sent by one Locust user (locustfile.Explainer), the way the page's "why?" button adds them.
+When the gateway wants API keys, the run's key (LOAD_API_KEY) goes with every good request, by
+`Authorization: Bearer` or `X-API-Key` in turn, and two bad kinds send none or a wrong one (401).
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ FIELD = "images"  # the multipart field of POST /v1/predict (docs/architecture.m
 # passes the value it started the gateway with through this variable.
 MAX_IMAGES_ENV = "LOAD_MAX_IMAGES"
 DEFAULT_MAX_IMAGES = 64
+API_KEY_ENV = "LOAD_API_KEY"  # the key to send; empty: the gateway under test wants none
+PREDICT_PATH = "/v1/predict"
+EXPLAIN_PATH = "/v1/explain"
+WRONG_KEY = "c10_this-key-was-never-issued-by-the-load-test-000000"
 
 
 @dataclass(frozen=True)
@@ -42,10 +51,28 @@ class RequestKind:
     weight: int
     expected: frozenset[int]
     bodies: tuple[Body, ...]
+    path: str = PREDICT_PATH
+    auth: str = "valid"  # "valid": the run's key (if any); "missing": no key; "wrong": WRONG_KEY
 
     @property
     def good(self) -> bool:
         return self.name.startswith("good")
+
+    @property
+    def result_field(self) -> str:
+        """The list a 200 answer holds, one entry per image."""
+        return "explanations" if self.path == EXPLAIN_PATH else "predictions"
+
+    def headers(self, body: Body, api_key: str | None, turn: int) -> dict[str, str]:
+        """The request's headers: its content type and, by `auth`, the key in one of the two schemes."""
+        headers = {"Content-Type": body.content_type}
+        key = {"valid": api_key, "wrong": WRONG_KEY, "missing": None}[self.auth]
+        if key:
+            if turn % 2:
+                headers["X-API-Key"] = key
+            else:
+                headers["Authorization"] = f"Bearer {key}"
+        return headers
 
 
 def source_images(count: int = 24, photo_dir: Path = PHOTO_DIR, seed: int = 0) -> list[Image.Image]:
@@ -87,11 +114,19 @@ def max_images() -> int:
     return int(os.environ.get(MAX_IMAGES_ENV, DEFAULT_MAX_IMAGES))
 
 
-def build_mix(seed: int = 0, photo_dir: Path = PHOTO_DIR, limit: int | None = None) -> list[RequestKind]:
-    """The weighted request mix. `limit`: the gateway's images-per-request limit (default from env)."""
+def api_key() -> str | None:
+    return os.environ.get(API_KEY_ENV, "").strip() or None
+
+
+def build_mix(
+    seed: int = 0, photo_dir: Path = PHOTO_DIR, limit: int | None = None, keyed: bool | None = None
+) -> list[RequestKind]:
+    """The weighted request mix. `limit`: the gateway's images-per-request limit (default from env);
+    `keyed`: the gateway wants API keys, so add the 401 kinds (default: a key is in the env)."""
     rng = random.Random(seed)
     photos = source_images(photo_dir=photo_dir, seed=seed)
     limit = max_images() if limit is None else limit
+    keyed = api_key() is not None if keyed is None else keyed
     mime = {"JPEG": "image/jpeg", "PNG": "image/png"}
     ext = {"JPEG": "jpg", "PNG": "png"}
 
@@ -120,7 +155,12 @@ def build_mix(seed: int = 0, photo_dir: Path = PHOTO_DIR, limit: int | None = No
     empty = multipart([("empty.jpg", b"", "image/jpeg")])
     too_many = multipart([(f"t{i}.png", tiny_png, "image/png") for i in range(limit + 1)])
     ok = frozenset({200})
-    return [
+    keyless = [
+        # Without a key, or with one never issued, the gateway must answer 401 (serving/auth.py).
+        RequestKind("bad missing api key", 1, frozenset({401}), single(32, "PNG")[:2], auth="missing"),
+        RequestKind("bad wrong api key", 1, frozenset({401}), single(32, "JPEG")[:2], auth="wrong"),
+    ] if keyed else []
+    return keyless + [
         RequestKind("good 1 jpeg 32px", 15, ok, single(32, "JPEG")),
         RequestKind("good 1 png 32px", 15, ok, single(32, "PNG")),
         RequestKind("good 1 jpeg 640px", 15, ok, single(640, "JPEG")),
@@ -132,4 +172,24 @@ def build_mix(seed: int = 0, photo_dir: Path = PHOTO_DIR, limit: int | None = No
         RequestKind("bad not an image", 2, frozenset({400}), (Body(*not_image, 0),)),
         RequestKind("bad empty file", 2, frozenset({400}), (Body(*empty, 0),)),
         RequestKind("bad too many images", 1, frozenset({400}), (Body(*too_many, 0),)),
+    ]
+
+
+def build_explain_mix(seed: int = 1, photo_dir: Path = PHOTO_DIR) -> list[RequestKind]:
+    """What the explaining user sends to /v1/explain: one photo (the page's button) or a few, within
+    the gateway's explain cap (GATEWAY_MAX_EXPLAIN_IMAGES, 8 by default)."""
+    rng = random.Random(seed)
+    photos = source_images(photo_dir=photo_dir, seed=seed)
+    ok = frozenset({200})
+
+    def bodies(n: int, size: int) -> tuple[Body, ...]:
+        out = []
+        for _ in range(4):
+            files = [(f"e{i}.jpg", encode(rng.choice(photos), size, "JPEG"), "image/jpeg") for i in range(n)]
+            out.append(Body(*multipart(files, top_k=rng.choice([None, 1, 3])), n))
+        return tuple(out)
+
+    return [
+        RequestKind("good explain 1 jpeg 256px", 3, ok, bodies(1, 256), path=EXPLAIN_PATH),
+        RequestKind("good explain 4 jpeg 64px", 1, ok, bodies(4, 64), path=EXPLAIN_PATH),
     ]

@@ -4,6 +4,9 @@
     python -m loadtest.run --url http://host:port   # load an existing gateway
     python -m loadtest.run --model-base models --model-name cifar10   # serve that model
 
+The gateway it starts wants an API key (a fresh one, minted into the results directory) and applies
+a rate limit far above the load (--rate-limit), so the load goes through both as production's does;
+a gateway given by --url gets the key of --api-key or $CIFAR10_API_KEY, if any.
 Without --url and without a published model under --model-base, it trains a small model on the
 synthetic dataset and exports it into the results directory first (about a minute), so the command
 works on a fresh checkout. Exits 0 when every gate in loadtest/gates.py passes, 1 with the reasons
@@ -23,13 +26,17 @@ from pathlib import Path
 from contract.versions import latest_version
 from loadtest.gates import P99_GATE_MS, Verdict, evaluate
 from loadtest.gateway_process import PROJECT_ROOT, running_gateway
-from loadtest.payloads import MAX_IMAGES_ENV
+from loadtest.payloads import API_KEY_ENV, MAX_IMAGES_ENV
+from serving.auth import hash_key, new_key
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 DEFAULT_RESULTS = PROJECT_ROOT / "loadtest-results"
 # The gateway run.py starts refuses more images than this per request; the mix's "too many images"
 # request sends one more.
 GATEWAY_MAX_IMAGES = 32
+# Far above what the load reaches (about 100 requests/s on 2 cores): the limiter is on the path of
+# every request, as in production, without refusing the run's own traffic.
+GATEWAY_RATE_LIMIT = "2000/second"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +53,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-images", type=int, default=None,
                    help=f"images-per-request limit of the gateway under test (default {GATEWAY_MAX_IMAGES} "
                    "for a started one; pass the --url gateway's GATEWAY_MAX_IMAGES)")
+    p.add_argument("--api-key", default=os.environ.get("CIFAR10_API_KEY"),
+                   help="API key to send to the --url gateway (default $CIFAR10_API_KEY; none if unset)")
+    p.add_argument("--rate-limit", default=GATEWAY_RATE_LIMIT,
+                   help=f"GATEWAY_RATE_LIMIT of the started gateway (default {GATEWAY_RATE_LIMIT})")
     return p.parse_args(argv)
+
+
+def mint_key(results_dir: Path) -> tuple[str, Path]:
+    """A new API key for this run and the keys file (GATEWAY_API_KEYS_FILE) that admits it."""
+    key = new_key()
+    keys_file = results_dir / "api-keys"
+    keys_file.write_text(f"# minted by loadtest/run.py for one run\nloadtest:{hash_key(key)}\n")
+    return key, keys_file
 
 
 def has_version(model_base: Path, name: str) -> bool:
@@ -73,14 +92,15 @@ def ensure_model(results_dir: Path, name: str) -> Path:
     return model_base
 
 
-def run_locust(url: str, args: argparse.Namespace, prefix: Path, max_images: int) -> int:
+def run_locust(url: str, args: argparse.Namespace, prefix: Path, max_images: int, key: str | None) -> int:
     command = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
         "-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.time,
         "--csv", str(prefix), "--host", url, "--stop-timeout", "15", "--exit-code-on-error", "0",
     ]
-    env = {**os.environ, MAX_IMAGES_ENV: str(max_images)}
-    print(f"==> locust: {args.users} users for {args.time} against {url}", flush=True)
+    env = {**os.environ, MAX_IMAGES_ENV: str(max_images), API_KEY_ENV: key or ""}
+    print(f"==> locust: {args.users} users for {args.time} against {url}"
+          f"{' with an API key' if key else ''}", flush=True)
     return subprocess.run(command, cwd=PROJECT_ROOT, env=env).returncode
 
 
@@ -102,22 +122,26 @@ def main(argv: list[str] | None = None) -> int:
     prefix = results / time.strftime("load-%Y%m%d-%H%M%S")
     with ExitStack() as stack:
         url = args.url
+        key = args.api_key if url else None
         max_images = args.max_images or GATEWAY_MAX_IMAGES
         if url is None:
             given = args.model_base
             model_base = given if given and has_version(given, args.model_name) else ensure_model(
                 results, args.model_name
             )
+            key, keys_file = mint_key(results)
             env = {
                 "GATEWAY_MODEL_BASE_PATH": str(model_base.resolve()),
                 "GATEWAY_MODEL_NAME": args.model_name,
                 "GATEWAY_TFSERVING_ADDRESS": "",
                 "GATEWAY_MAX_IMAGES": str(max_images),
+                "GATEWAY_API_KEYS_FILE": str(keys_file),
+                "GATEWAY_RATE_LIMIT": args.rate_limit,
             }
             print(f"==> starting the gateway (embedded model from {model_base})", flush=True)
             gateway = stack.enter_context(running_gateway(env, workers=args.workers, log_dir=results))
             url = gateway.url
-        rc = run_locust(url.rstrip("/"), args, prefix, max_images)
+        rc = run_locust(url.rstrip("/"), args, prefix, max_images, key)
         # Failed requests leave the exit code 0 (--exit-code-on-error 0): the gates judge them.
         if rc != 0:
             print(f"FAIL: locust exited with {rc}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """The load harness: its gates judge Locust's CSV correctly, and a short real run passes them.
 
-The short run is `make loadtest` in miniature (4 users, 8 s, against the session's gunicorn
-gateway): the same locustfile, the same request mix, the same gates.
+The short run is `make loadtest` in miniature (4 users, 8 s, against a gunicorn gateway run.py starts
+on the session's model, with an API key and a rate limit as in production): the same locustfile,
+the same request mix (explanations and the 401 kinds included), the same gates.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 
 from loadtest import run
 from loadtest.gates import evaluate
-from loadtest.payloads import build_mix
+from loadtest.payloads import EXPLAIN_PATH, build_explain_mix, build_mix
 
 # Locust 2.x's stats CSV header, as written by locust.stats.StatsCSVFileWriter.
 HEADER = ["Type", "Name", "Request Count", "Failure Count", "Median Response Time", "Average Response Time",
@@ -74,24 +75,52 @@ def test_mix_has_good_and_bad_requests_with_their_statuses(tmp_path: Path) -> No
     too_many = next(k for k in bad if "too many" in k.name).bodies[0].data
     assert too_many.count(b'name="images"') == 6  # one over the limit of 5
     assert sum(k.weight for k in bad) * 10 < sum(k.weight for k in good), "bad inputs must be a small share"
+    assert not any(k.auth != "valid" for k in mix), "a gateway without keys must not get the 401 kinds"
+
+
+def test_keyed_mix_sends_the_key_both_ways_and_401_kinds_without_it(tmp_path: Path) -> None:
+    mix = build_mix(limit=5, photo_dir=tmp_path, keyed=True)
+    by_auth = {k.auth: k for k in mix}
+    assert by_auth["missing"].expected == by_auth["wrong"].expected == {401}
+    assert not by_auth["missing"].good and not by_auth["wrong"].good
+    good, body = by_auth["valid"], by_auth["valid"].bodies[0]
+    assert good.headers(body, "c10_k", 0)["Authorization"] == "Bearer c10_k"
+    assert good.headers(body, "c10_k", 1)["X-API-Key"] == "c10_k"
+    missing = by_auth["missing"].headers(body, "c10_k", 0)
+    assert "Authorization" not in missing and "X-API-Key" not in missing
+    assert "c10_k" not in str(by_auth["wrong"].headers(body, "c10_k", 1))
+
+
+def test_explain_mix_stays_within_the_gateways_explain_cap(tmp_path: Path) -> None:
+    from serving.config import Settings
+
+    mix = build_explain_mix(photo_dir=tmp_path)
+    assert mix and all(k.good and k.path == EXPLAIN_PATH and k.result_field == "explanations" for k in mix)
+    assert max(b.images for k in mix for b in k.bodies) <= Settings().max_explain_images
 
 
 @pytest.mark.load
 @pytest.mark.slow
 def test_short_load_run_passes_the_gates(
-    gateway_server: str, tmp_path: Path, capsys: pytest.CaptureFixture
+    exported_model, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    # The session gateway keeps the default limit of 64 images per request.
-    rc = run.main(["--url", gateway_server, "--users", "4", "--spawn-rate", "4", "--time", "8s",
-                   "--results-dir", str(tmp_path), "--max-images", "64"])
+    # run.py starts its own gateway (one worker, to spare the 2-core machine) with a minted API key.
+    rc = run.main(["--model-base", str(exported_model.base_path), "--model-name", exported_model.name,
+                   "--workers", "1", "--users", "4", "--spawn-rate", "4", "--time", "8s",
+                   "--results-dir", str(tmp_path)])
     out = capsys.readouterr()
     assert rc == 0, out.out + out.err
+    assert "with an API key" in out.out
     stats = next(tmp_path.glob("load-*_stats.csv"))
     verdict = evaluate(stats)
     assert verdict.good_requests >= 20 and verdict.bad_requests >= 1, out.out
     assert "PASS: all load gates met" in out.out
-    names = {row["Name"] for row in csv.DictReader(stats.open())}
-    assert {"good 1 jpeg 640px", "good 4 mixed 32-256px"} <= names, names
+    rows = {row["Name"]: row for row in csv.DictReader(stats.open())}
+    assert {"good 1 jpeg 640px", "good 4 mixed 32-256px"} <= set(rows), set(rows)
+    # The explain share and the API-key traffic were sent (and answered as they must be: gates above).
+    explained = sum(int(r["Request Count"]) for n, r in rows.items() if n.startswith("good explain"))
+    assert explained >= 3, rows.keys()
+    assert {"bad missing api key", "bad wrong api key"} & set(rows), set(rows)
     assert {p.name.split("_", 1)[1] for p in tmp_path.glob("load-*.csv")} >= {"stats.csv", "failures.csv"}
 
 
