@@ -4,6 +4,9 @@
 #   RUN_DIR (runs/quick)  MODEL_BASE (models)  MODEL_NAME (cifar10)  HOST (127.0.0.1)  PORT (8080)
 #   DATASET (cifar10; falls back to synthetic, loudly, when CIFAR-10 cannot be downloaded)
 #   TRAIN_CONFIG (configs/quick.yaml)  WORKERS (gunicorn workers, 2)
+#   GATEWAY_ADMIN_BIND (unset: /metrics and /readyz on PORT; set for you to 127.0.0.1:9090 when HOST is
+#   not a loopback address, so serving to the network does not publish them; see docs/deploy.md)
+# Slow clients cannot hold its threads (serving/workers.py); nginx in front is for the shipped stacks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -80,5 +83,14 @@ fi
 step "start the gateway on http://$HOST:$PORT (embedded model; Ctrl-C stops it)"
 export GATEWAY_MODEL_BASE_PATH="$MODEL_BASE" GATEWAY_MODEL_NAME="$MODEL_NAME"
 export PROMETHEUS_MULTIPROC_DIR=${PROMETHEUS_MULTIPROC_DIR:-$(mktemp -d -t cifar10-metrics.XXXXXX)}
+case "$HOST" in
+  127.*|localhost|::1) ;;
+  *)
+    if [ -z "${GATEWAY_ADMIN_BIND:-}" ]; then
+      export GATEWAY_ADMIN_BIND=127.0.0.1:9090
+      echo "    /metrics and /readyz on http://$GATEWAY_ADMIN_BIND only (HOST=$HOST is not loopback)"
+    fi
+    ;;
+esac
 exec "$(dirname "$PY")/gunicorn" -c serving/gunicorn.conf.py --bind "$HOST:$PORT" --workers "${WORKERS:-2}" \
   'serving.app:create_app()'

@@ -194,10 +194,20 @@ def test_gunicorn_config_binds_where_probes_and_services_look(where: str, monkey
     settings = runpy.run_path(str(conf))
     assert settings["bind"] == env["GATEWAY_BIND"]
     port = int(settings["bind"].rsplit(":", 1)[1])
-    assert settings["bind"].startswith("0.0.0.0:"), "in a container the gateway must listen on all addresses"
+    # The API port is the one nginx's upstream names (deploy/nginx/nginx.conf, `server gateway:PORT;`).
+    upstream = re.search(r"server gateway:(\d+);", (ROOT / "deploy" / "nginx" / "nginx.conf").read_text())
+    assert upstream and int(upstream.group(1)) == port, f"nginx's upstream is not the gateway's port {port}"
+    # Probes, the image's HEALTHCHECK and Prometheus come from outside the container: admin port on all.
+    admin = env["GATEWAY_ADMIN_BIND"]
+    assert admin.startswith("0.0.0.0:"), "in a container the admin port must listen on all addresses"
     if where.startswith("k8s"):
+        # nginx is a sidecar: the API listens on the pod's loopback, where nothing else reaches it.
+        assert settings["bind"].startswith("127.0.0.1:"), "only the nginx sidecar may reach the API"
         container = next(manifests.containers(manifests.find(manifests.render(), "Deployment", "gateway")))
-        assert [p["containerPort"] for p in container["ports"]] == [port]
+        assert [p["containerPort"] for p in container["ports"]] == [int(admin.rsplit(":", 1)[1])]
+    else:
+        # nginx is a container of its own: the API listens on all addresses (compose does not publish it).
+        assert settings["bind"].startswith("0.0.0.0:"), "nginx in another container must reach the API"
 
 
 def test_gateway_image_command_parses_with_gunicorn() -> None:
@@ -233,4 +243,6 @@ def test_deployments_run_the_image_commands_checked_here() -> None:
     docs = manifests.render()
     for kind, name in (("Deployment", "gateway"), ("CronJob", "cifar10-train")):
         for container in manifests.containers(manifests.find(docs, kind, name)):
+            if container["name"] == "nginx":
+                continue  # the proxy sidecar: its command is checked by tests/deploy/test_nginx.py
             assert not {"command", "args"} & set(container), f"{kind}/{name} overrides its image's command"

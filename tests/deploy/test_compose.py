@@ -46,11 +46,11 @@ def test_compose_schema_catches_misspelt_keys() -> None:
 
 def test_stack_has_serving_gateway_and_a_one_off_trainer(compose: dict) -> None:
     services = compose["services"]
-    assert set(services) == {"tfserving", "gateway", "trainer"}
+    assert set(services) == {"tfserving", "gateway", "nginx", "trainer"}
     # The trainer runs only when asked for (`docker compose --profile train run --rm trainer`),
     # so `docker compose up` starts the serving stack alone.
     assert services["trainer"].get("profiles") == ["train"]
-    assert "profiles" not in services["tfserving"] and "profiles" not in services["gateway"]
+    assert not any("profiles" in services[name] for name in ("tfserving", "gateway", "nginx"))
     reservations = services["trainer"]["deploy"]["resources"]["reservations"]["devices"]
     assert any("gpu" in d["capabilities"] for d in reservations)
 
@@ -112,6 +112,9 @@ def test_gateway_talks_to_the_tfserving_service_grpc_port(compose: dict) -> None
     assert host == "tfserving"
     grpc_flag = next(a for a in services["tfserving"]["command"] if a.startswith("--port="))
     assert grpc_flag == f"--port={port}"
+    # Clients reach the gateway only through nginx (tests/deploy/test_nginx.py): its API port is not
+    # published, its admin port only on this machine's loopback.
     bind_port = services["gateway"]["environment"]["GATEWAY_BIND"].rsplit(":", 1)[1]
-    assert any(p.endswith(f":{bind_port}") for p in services["gateway"]["ports"])
+    assert not any(p.endswith(f":{bind_port}") for p in services["gateway"]["ports"])
+    assert all(p.startswith("127.0.0.1:") for p in services["gateway"]["ports"])
     assert services["gateway"]["read_only"] is True

@@ -68,7 +68,8 @@ def test_gateway_image_is_multi_stage_with_healthcheck_and_gunicorn() -> None:
     assert any(i.keyword == "COPY" and i.args.startswith("--from=") and i.stage == last for i in instructions)
     (health,) = [i for i in instructions if i.keyword == "HEALTHCHECK"]
     probe = manifests.exec_form(health)
-    port = manifests.dockerfile_env(path)["GATEWAY_BIND"].rsplit(":", 1)[1]
+    # On the admin port (serving/admin.py), where public traffic cannot delay it.
+    port = manifests.dockerfile_env(path)["GATEWAY_ADMIN_BIND"].rsplit(":", 1)[1]
     assert probe[0] == "python" and f"127.0.0.1:{port}/healthz" in probe[-1]
     (cmd,) = [i for i in instructions if i.keyword == "CMD"]
     assert manifests.exec_form(cmd)[0] == "gunicorn"

@@ -81,6 +81,6 @@ def test_render_plain_matches_kubectl() -> None:
 
     def normalize(docs: list[dict]) -> list[str]:
         text = (json.dumps(d, sort_keys=True) for d in docs)
-        return sorted(re.sub(r"tfserving-config-[a-z0-9]{10}", "tfserving-config", t) for t in text)
+        return sorted(re.sub(r"(tfserving-config|nginx-config)-[a-z0-9]{10}", r"\1", t) for t in text)
 
     assert normalize(manifests.render_plain()) == normalize(manifests.render_with_kubectl())

@@ -59,8 +59,12 @@ def test_pinned_config_is_a_valid_tfserving_config_for_version_6(overlay: Path) 
 def test_overlay_replaces_only_models_config_and_rolls_tfserving(overlay: Path) -> None:
     docs = manifests.render_with_kubectl(overlay)
     base = manifests.render()
-    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
-    (base_cm,) = [d for d in base if d["kind"] == "ConfigMap"]
+
+    def tfserving_config(d: dict) -> bool:  # the other ConfigMap is nginx's, which the overlay leaves alone
+        return d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("tfserving-config")
+
+    (cm,) = [d for d in docs if tfserving_config(d)]
+    (base_cm,) = [d for d in base if tfserving_config(d)]
     assert cm["data"]["models.config"] == (overlay / "models.config").read_text()
     assert {k: v for k, v in cm["data"].items() if k != "models.config"} == {
         k: v for k, v in base_cm["data"].items() if k != "models.config"
