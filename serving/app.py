@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from flask import Flask, Response, g, request, send_from_directory
 
-from serving import api, context, explain, health, metrics
+from serving import admin, api, auth, context, deadline, explain, health, metrics, request_id
 from serving.backends.base import Backend
 from serving.config import Settings
 from serving.errors import register_error_handlers
@@ -32,6 +32,12 @@ def make_backend(settings: Settings) -> Backend:
             settings.model_name,
             signature_name=settings.tfserving_signature,
             deadline_s=settings.deadline_s,
+            tls_ca=settings.tfserving_tls_ca,
+            tls_cert=settings.tfserving_tls_cert,
+            tls_key=settings.tfserving_tls_key,
+            breaker_failures=settings.breaker_failures,
+            breaker_open_s=settings.breaker_open_s,
+            retry_budget_ratio=settings.retry_budget_ratio,
         )
     from serving.backends.embedded import EmbeddedBackend
 
@@ -40,6 +46,7 @@ def make_backend(settings: Settings) -> Backend:
         settings.model_name,
         poll_interval_s=settings.poll_interval_s,
         deadline_s=settings.deadline_s,
+        batching=settings.batching,
     )
 
 
@@ -54,8 +61,13 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     backend = backend or make_backend(settings)
     atexit.register(backend.close)
     context.install(app, settings, backend)
+    # First of the before_requests: everything after it (and its errors) can name the request id.
+    request_id.install(app)
+    deadline.install(app)  # the request deadline starts here (serving/deadline.py)
+    admin.install(app, settings)  # /metrics, /readyz on GATEWAY_ADMIN_BIND only (serving/admin.py)
 
     register_error_handlers(app, max_upload_bytes=settings.max_upload_bytes)
+    auth.install(app, settings)  # API keys, then rate limits, on /v1 (serving/auth.py, ratelimit.py)
     app.register_blueprint(api.bp)
     app.register_blueprint(explain.bp)  # POST /v1/explain (Grad-CAM)
     app.register_blueprint(health.bp)

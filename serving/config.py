@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from contract.signatures import SERVING_DEFAULT
+from contract.signatures import MAX_PIXELS, SERVING_DEFAULT
+from serving.batching import BatchingParameters
 
 T = TypeVar("T")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MIB = 1024 * 1024
 
@@ -29,8 +32,54 @@ class Settings:
     deadline_s: float = 5.0
     max_images: int = 64
     max_upload_bytes: int = 20 * MIB
-    max_pixels: int = 40_000_000
+    # Per-image cap on declared pixels, checked before decoding (serving/images.py). 25 Mpx takes the
+    # default output of today's phones (12-24 Mpx; their 48-200 Mpx modes are opt-in) and bounds one
+    # decode at about 25 Mpx x 10 bytes (docs/deploy.md, "Memory"); the model sees 32x32 anyway.
+    max_pixels: int = MAX_PIXELS  # 25_000_000
+    # Budgets per request (serving/uploads.py, serving/deadline.py, serving/explain.py): declared pixels
+    # of all its images together, an end-to-end deadline (upload decoding + backend call), and
+    # /v1/explain's own image cap and concurrent calls per worker (a backward pass + a PNG per image).
+    max_request_pixels: int = 100_000_000
+    request_deadline_s: float = 10.0
+    max_explain_images: int = 8
+    explain_concurrency: int = 2
+    # Full-size decodes at once per worker (GATEWAY_DECODE_CONCURRENCY): what bounds a pod's memory,
+    # workers x this x the worst decode (docs/deploy.md, "Memory"); more would not be faster on the
+    # 1-CPU pod anyway. Others wait for a slot within their deadline.
+    decode_concurrency: int = 2
     poll_interval_s: float = 2.0
+    # Cross-request batching in the embedded backend (serving/batching.py, TF Serving's names).
+    batching: BatchingParameters = field(default_factory=BatchingParameters)
+    # API keys and rate limits (serving/auth.py, serving/ratelimit.py, docs/deploy.md); all off by
+    # default, so `make serve` on 127.0.0.1 needs no key. Read by _access() below.
+    api_keys_file: Path | None = None  # GATEWAY_API_KEYS_FILE: `name:sha256hex` lines
+    rate_limit: str | None = None  # GATEWAY_RATE_LIMIT: Flask-Limiter syntax, "20/second;600/minute"
+    rate_limit_storage: str = "memory://"  # GATEWAY_RATE_LIMIT_STORAGE: memory:// or redis://host:6379
+    # GATEWAY_TRUSTED_PROXIES: addresses whose X-Forwarded-For is believed (the proxy in front).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    # TLS to TF Serving (GATEWAY_TFSERVING_TLS_CA; mutual with _CERT and _KEY): PEM files, read at start.
+    tfserving_tls_ca: Path | None = None
+    tfserving_tls_cert: Path | None = None
+    tfserving_tls_key: Path | None = None
+    # Overload control towards TF Serving (serving/backends/tfserving.py, contract/overload.py): the
+    # breaker opens after GATEWAY_BREAKER_FAILURES consecutive failed calls for GATEWAY_BREAKER_OPEN_S;
+    # retries may add at most GATEWAY_RETRY_BUDGET_RATIO of the calls (plus a small reserve).
+    breaker_failures: int = 5
+    breaker_open_s: float = 2.0
+    retry_budget_ratio: float = 0.1
+    # Slow clients (serving/workers.py, nginx's directives of the same names): the request head must
+    # arrive within client_header_timeout_s in total, the body may pause at most client_body_timeout_s
+    # between reads, writing the answer may take at most client_send_timeout_s.
+    client_header_timeout_s: float = 10.0
+    client_body_timeout_s: float = 10.0
+    client_send_timeout_s: float = 10.0
+    # GATEWAY_ADMIN_BIND (host:port): /metrics and /readyz answer only there (serving/admin.py), /healthz
+    # on both; None keeps them on the public port (`make serve` on 127.0.0.1).
+    admin_bind: str | None = None
+
+    @property
+    def admin_port(self) -> int | None:
+        return None if self.admin_bind is None else int(self.admin_bind.rsplit(":", 1)[1])
 
     @property
     def backend_kind(self) -> str:
@@ -67,6 +116,20 @@ class Settings:
             model_name=name,
             tfserving_address=address,
             tfserving_signature=env.get("GATEWAY_TFSERVING_SIGNATURE", "").strip() or d.tfserving_signature,
+            **_tfserving_tls(env),
+            breaker_failures=read(
+                "GATEWAY_BREAKER_FAILURES", int, d.breaker_failures, "an integer >= 1", lambda v: v >= 1
+            ),
+            breaker_open_s=read(
+                "GATEWAY_BREAKER_OPEN_S", float, d.breaker_open_s, "seconds > 0, e.g. 2", lambda v: v > 0
+            ),
+            retry_budget_ratio=read(
+                "GATEWAY_RETRY_BUDGET_RATIO",
+                float,
+                d.retry_budget_ratio,
+                "a fraction within 0..1, e.g. 0.1 (0 turns retries off)",
+                lambda v: 0 <= v <= 1,
+            ),
             deadline_s=read(
                 "GATEWAY_DEADLINE_S", float, d.deadline_s, "seconds > 0, e.g. 5", lambda v: v > 0
             ),
@@ -85,7 +148,176 @@ class Settings:
                 "pixels per image as an integer >= 1024",
                 lambda v: v >= 1024,
             ),
+            max_request_pixels=read(
+                "GATEWAY_MAX_REQUEST_PIXELS",
+                int,
+                d.max_request_pixels,
+                "pixels per request (all images together) as an integer >= 1024",
+                lambda v: v >= 1024,
+            ),
+            request_deadline_s=read(
+                "GATEWAY_REQUEST_DEADLINE_S",
+                float,
+                d.request_deadline_s,
+                "seconds > 0 for a whole request, e.g. 10",
+                lambda v: v > 0,
+            ),
+            max_explain_images=read(
+                "GATEWAY_MAX_EXPLAIN_IMAGES", int, d.max_explain_images, "an integer >= 1", lambda v: v >= 1
+            ),
+            explain_concurrency=read(
+                "GATEWAY_EXPLAIN_CONCURRENCY",
+                int,
+                d.explain_concurrency,
+                "concurrent /v1/explain calls per worker as an integer >= 1",
+                lambda v: v >= 1,
+            ),
+            decode_concurrency=read(
+                "GATEWAY_DECODE_CONCURRENCY",
+                int,
+                d.decode_concurrency,
+                "full-size image decodes at once per worker as an integer >= 1",
+                lambda v: v >= 1,
+            ),
             poll_interval_s=read(
                 "GATEWAY_POLL_INTERVAL_S", float, d.poll_interval_s, "seconds > 0, e.g. 2", lambda v: v > 0
             ),
+            batching=_batching(read, d.batching),
+            **_access(env),
+            **_slow_clients(read, d),
+            admin_bind=_admin_bind(env),
         )
+
+
+def _slow_clients(read: Callable[..., Any], d: Settings) -> dict[str, float]:
+    """GATEWAY_CLIENT_HEADER_TIMEOUT_S, GATEWAY_CLIENT_BODY_TIMEOUT_S, GATEWAY_CLIENT_SEND_TIMEOUT_S."""
+    out = {}
+    for field_name in ("client_header_timeout_s", "client_body_timeout_s", "client_send_timeout_s"):
+        out[field_name] = read(
+            f"GATEWAY_{field_name.upper()}", float, getattr(d, field_name), "seconds > 0, e.g. 10",
+            lambda v: v > 0,
+        )  # fmt: skip
+    return out
+
+
+def _admin_bind(env: Mapping[str, str]) -> str | None:
+    """GATEWAY_ADMIN_BIND: host:port of the admin listener gunicorn adds (serving/gunicorn.conf.py)."""
+    raw = env.get("GATEWAY_ADMIN_BIND", "").strip()
+    if not raw:
+        return None
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"GATEWAY_ADMIN_BIND={raw!r} is not valid: expected host:port of the admin listener, e.g. "
+            "127.0.0.1:9090 (0.0.0.0:9090 in a pod, for probes and Prometheus); leave it empty to keep "
+            "/metrics and /readyz on the public port"
+        )
+    return raw
+
+
+def _batching(read: Callable[..., Any], d: BatchingParameters) -> BatchingParameters:
+    """GATEWAY_MAX_BATCH_SIZE, GATEWAY_BATCH_TIMEOUT_MICROS, GATEWAY_ALLOWED_BATCH_SIZES,
+    GATEWAY_MAX_ENQUEUED_BATCHES, GATEWAY_NUM_BATCH_THREADS: TF Serving's batching parameters."""
+
+    def sizes(raw: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in raw.replace(" ", "").split(",") if part)
+
+    def positive(v: int) -> bool:
+        return v >= 1
+
+    max_batch_size = read("GATEWAY_MAX_BATCH_SIZE", int, d.max_batch_size, "an integer >= 1", positive)
+    allowed = read(
+        "GATEWAY_ALLOWED_BATCH_SIZES",
+        sizes,
+        None,
+        "increasing sizes separated by commas, ending with GATEWAY_MAX_BATCH_SIZE, e.g. 8,16,32,64",
+        lambda v: True,
+    )
+    if allowed is None:
+        allowed = d.allowed_batch_sizes
+    try:
+        return BatchingParameters(
+            max_batch_size=max_batch_size,
+            batch_timeout_micros=read(
+                "GATEWAY_BATCH_TIMEOUT_MICROS",
+                int,
+                d.batch_timeout_micros,
+                "an integer >= 0",
+                lambda v: v >= 0,
+            ),
+            allowed_batch_sizes=allowed,
+            max_enqueued_batches=read(
+                "GATEWAY_MAX_ENQUEUED_BATCHES", int, d.max_enqueued_batches, "an integer >= 1", positive
+            ),
+            num_batch_threads=read(
+                "GATEWAY_NUM_BATCH_THREADS", int, d.num_batch_threads, "an integer >= 1", positive
+            ),
+        )
+    except ValueError as error:
+        raise ConfigError(f"GATEWAY_ALLOWED_BATCH_SIZES / GATEWAY_MAX_BATCH_SIZE: {error}") from None
+
+
+def _access(env: Mapping[str, str]) -> dict[str, Any]:
+    """GATEWAY_API_KEYS_FILE, GATEWAY_RATE_LIMIT, GATEWAY_RATE_LIMIT_STORAGE, GATEWAY_TRUSTED_PROXIES."""
+    import limits
+    from limits.storage import SCHEMES
+
+    out: dict[str, Any] = {}
+    keys_file = env.get("GATEWAY_API_KEYS_FILE", "").strip()
+    if keys_file:
+        # The file itself is read (and re-read on rotation) by serving/auth.py, which names this
+        # variable when it is missing or malformed.
+        out["api_keys_file"] = Path(keys_file)
+    rate_limit = env.get("GATEWAY_RATE_LIMIT", "").strip()
+    if rate_limit:
+        try:
+            limits.parse_many(rate_limit)
+        except ValueError:
+            raise ConfigError(
+                f"GATEWAY_RATE_LIMIT={rate_limit!r} is not valid: expected limits such as "
+                "'20/second;600/minute' (COUNT/second|minute|hour|day, separated by ';')"
+            ) from None
+        out["rate_limit"] = rate_limit
+    storage = env.get("GATEWAY_RATE_LIMIT_STORAGE", "").strip()
+    if storage:
+        scheme = storage.split("://", 1)[0] if "://" in storage else ""
+        if scheme not in SCHEMES or scheme.startswith("async+"):
+            raise ConfigError(
+                f"GATEWAY_RATE_LIMIT_STORAGE={storage!r} is not valid: expected memory:// (per worker) "
+                "or a shared store such as redis://HOST:6379"
+            )
+        out["rate_limit_storage"] = storage
+    proxies = env.get("GATEWAY_TRUSTED_PROXIES", "").strip()
+    if proxies:
+        networks = []
+        for part in proxies.replace(" ", "").split(","):
+            if not part:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(part, strict=False))
+            except ValueError:
+                raise ConfigError(
+                    f"GATEWAY_TRUSTED_PROXIES={proxies!r} is not valid: {part!r} is not an address or "
+                    "network; expected addresses or CIDR networks separated by commas, "
+                    "e.g. 127.0.0.1,10.0.0.0/8"
+                ) from None
+        out["trusted_proxies"] = tuple(networks)
+    return out
+
+
+def _tfserving_tls(env: Mapping[str, str]) -> dict[str, Path | None]:
+    """GATEWAY_TFSERVING_TLS_CA, _CERT, _KEY: readable PEM files; CERT and KEY together or neither."""
+    paths: dict[str, Path | None] = {}
+    for suffix in ("CA", "CERT", "KEY"):
+        name = f"GATEWAY_TFSERVING_TLS_{suffix}"
+        raw = env.get(name, "").strip()
+        path = Path(raw) if raw else None
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{name}={raw!r} is not valid: expected a readable PEM file; no file is there")
+        paths[f"tfserving_tls_{suffix.lower()}"] = path
+    if (paths["tfserving_tls_cert"] is None) != (paths["tfserving_tls_key"] is None):
+        raise ConfigError(
+            "GATEWAY_TFSERVING_TLS_CERT and GATEWAY_TFSERVING_TLS_KEY are not valid: mutual TLS needs "
+            "both the client certificate and its key; set both or neither"
+        )
+    return paths

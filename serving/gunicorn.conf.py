@@ -1,8 +1,9 @@
 """gunicorn settings for the gateway: `gunicorn -c serving/gunicorn.conf.py 'serving.app:create_app()'`.
 
 Environment: GATEWAY_BIND (127.0.0.1:8080), GATEWAY_WORKERS (2), GATEWAY_THREADS (8); gunicorn's
-own flags (--bind, --workers) override them. The app is not preloaded: each worker builds it after
-the fork, so TensorFlow, the model poller thread and gRPC channels are per worker.
+own flags (--bind, --workers) override them; GATEWAY_ADMIN_BIND adds the admin listener. The app is
+not preloaded: each worker builds it after the fork, so TensorFlow, the model poller thread and gRPC
+channels are per worker.
 """
 
 import os
@@ -12,7 +13,9 @@ import tempfile
 bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8080")
 workers = int(os.environ.get("GATEWAY_WORKERS", "2"))
 # Threads let one worker overlap request parsing with model calls (TensorFlow releases the GIL).
-worker_class = "gthread"
+# gthread, except that each request is read whole in the worker's event loop before a thread gets it,
+# so slow clients (a header byte every few seconds) cannot hold the threads (serving/workers.py).
+worker_class = "serving.workers.BufferedThreadWorker"
 threads = int(os.environ.get("GATEWAY_THREADS", "8"))
 timeout = 120  # a worker imports TensorFlow and loads the model before it first reports alive
 graceful_timeout = 20
@@ -20,6 +23,11 @@ graceful_timeout = 20
 # benchmarks, replicas) would take it from each other, and nothing here uses it.
 control_socket_disable = True
 accesslog = os.environ.get("GATEWAY_ACCESS_LOG") or None  # e.g. "-" for stdout; off by default for speed
+# gunicorn's default format plus the response's X-Request-ID (serving/request_id.py), so an access
+# line joins up with the gateway's error log line and the id a client reports.
+access_log_format = (
+    '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" request_id=%({x-request-id}o)s'
+)
 
 # prometheus-client multiprocess mode needs a directory shared by the workers, set before any
 # worker imports prometheus_client; start from an empty one so dead workers' counts do not linger.
@@ -31,6 +39,25 @@ def on_starting(server) -> None:  # a gunicorn server hook
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(directory, exist_ok=True)
+    _add_admin_listener(server)
+
+
+def _add_admin_listener(server) -> None:
+    # GATEWAY_ADMIN_BIND: a second listener for /metrics, /readyz and /healthz (serving/admin.py).
+    # Added here, before gunicorn opens its sockets, because --bind on the command line (scripts/serve.sh,
+    # the test launcher) replaces the `bind` setting of this file.
+    from serving.config import Settings
+
+    admin = Settings.from_env().admin_bind
+    if admin is None or admin in server.cfg.bind:
+        return
+    admin_port = admin.rsplit(":", 1)[1]
+    if any(b.rsplit(":", 1)[-1] == admin_port for b in server.cfg.bind):
+        # serving/admin.py tells the ports apart by number: they must differ.
+        raise RuntimeError(
+            f"GATEWAY_ADMIN_BIND={admin} uses the port of --bind {server.cfg.bind}: pick another port"
+        )
+    server.cfg.set("bind", [*server.cfg.bind, admin])
 
 
 def child_exit(server, worker) -> None:  # a gunicorn server hook

@@ -15,6 +15,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -45,3 +46,52 @@ def render() -> tuple[bytes, str]:
         _multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+# Cross-request batching in the embedded backend (serving/batching.py).
+BATCH_SIZE = Histogram(
+    "gateway_batch_size", "Images in each model call (before padding)", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+)
+BATCH_QUEUE_SECONDS = Histogram(
+    "gateway_batch_queue_seconds", "Time a request waited in the batching queue", buckets=_LATENCY_BUCKETS
+)
+BATCH_REJECTED = Counter(
+    "gateway_batch_rejected_total", "Requests refused because the batching queue was full"
+)
+
+# Overload control towards TF Serving (serving/backends/tfserving.py, contract/overload.py).
+# The breaker is per worker; "max" over live workers shows whether any worker's breaker is open.
+BREAKER_STATE = Gauge(
+    "gateway_breaker_state",
+    "Circuit breaker to the model backend: 0 closed, 1 half-open, 2 open (max over workers)",
+    ["backend"],
+    multiprocess_mode="livemax",
+)
+BREAKER_TRANSITIONS = Counter(
+    "gateway_breaker_transitions_total",
+    "Circuit breaker state changes, by the state entered",
+    ["backend", "state"],
+)
+# decision: retried | budget_exhausted (a retryable failure not retried: over the retry budget or out
+# of time) | load_shed (the backend shed load: never retried) | breaker_open (failed fast, no call).
+BACKEND_RETRIES = Counter(
+    "gateway_backend_retry_decisions_total",
+    "What the gateway did after a failed backend attempt",
+    ["backend", "decision"],
+)
+
+# API keys and rate limits (serving/auth.py, serving/ratelimit.py). Labelled by the key's name from
+# the keys file, never by the key or the client address: the label set stays as small as the file.
+API_KEY_REQUESTS = Counter(
+    "gateway_api_key_requests_total", "/v1 requests by API key name and status", ["key_name", "status"]
+)
+AUTH_FAILURES = Counter(
+    "gateway_auth_failures_total", "/v1 requests refused with 401, by reason (missing, invalid)", ["reason"]
+)
+RATE_LIMITED = Counter(
+    "gateway_rate_limited_total",
+    "Requests refused with 429, by API key name ('-': limited per client address)",
+    ["key_name"],
+)
+API_KEY_RELOADS = Counter(
+    "gateway_api_key_reloads_total", "Reloads of the API keys file, by result (ok, error)", ["result"]
+)

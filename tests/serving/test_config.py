@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from serving.batching import BatchingParameters
 from serving.config import ConfigError, Settings
 
 
@@ -46,6 +47,28 @@ def test_values_are_read_from_the_environment() -> None:
     assert settings.backend_kind == "tfserving"
 
 
+def test_batching_parameters_are_tf_servings_names() -> None:
+    settings = Settings.from_env(
+        {
+            "GATEWAY_MAX_BATCH_SIZE": "32",
+            "GATEWAY_BATCH_TIMEOUT_MICROS": "2000",
+            "GATEWAY_MAX_ENQUEUED_BATCHES": "4",
+            "GATEWAY_NUM_BATCH_THREADS": "2",
+        }
+    )
+    assert settings.batching == BatchingParameters(
+        max_batch_size=32,
+        batch_timeout_micros=2000,
+        allowed_batch_sizes=(),  # no padding unless asked for
+        max_enqueued_batches=4,
+        num_batch_threads=2,
+    )
+    explicit = Settings.from_env({"GATEWAY_MAX_BATCH_SIZE": "48", "GATEWAY_ALLOWED_BATCH_SIZES": "8, 24,48"})
+    assert explicit.batching.allowed_batch_sizes == (8, 24, 48)
+    with pytest.raises(ConfigError, match="GATEWAY_ALLOWED_BATCH_SIZES.*must equal max_batch_size"):
+        Settings.from_env({"GATEWAY_ALLOWED_BATCH_SIZES": "8,16"})
+
+
 def test_empty_tfserving_address_means_embedded() -> None:
     assert Settings.from_env({"GATEWAY_TFSERVING_ADDRESS": "  "}).tfserving_address is None
 
@@ -62,6 +85,11 @@ def test_empty_tfserving_address_means_embedded() -> None:
         ("GATEWAY_POLL_INTERVAL_S", "-3"),
         ("GATEWAY_TFSERVING_ADDRESS", "no-port"),
         ("GATEWAY_MODEL_NAME", "a/b"),
+        ("GATEWAY_MAX_BATCH_SIZE", "0"),
+        ("GATEWAY_BATCH_TIMEOUT_MICROS", "-1"),
+        ("GATEWAY_ALLOWED_BATCH_SIZES", "8,x"),
+        ("GATEWAY_MAX_ENQUEUED_BATCHES", "0"),
+        ("GATEWAY_NUM_BATCH_THREADS", "none"),
     ],
 )
 def test_invalid_values_name_the_variable(name: str, value: str) -> None:
