@@ -54,6 +54,8 @@ lint: $(TEST_STAMP)
 
 test: $(TEST_STAMP)
 	@bash scripts/ensure-chromium.sh
+	@bash scripts/ensure-nginx.sh  # the slow-client drill runs the shipped nginx config
+	@bash scripts/ensure-hey.sh  # tests/test_benchmark_report.py reads real hey output
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -68,8 +70,12 @@ bench-train: $(BENCH_STAMP)
 bench-small-data: $(BENCH_STAMP)
 	$(PY) -m benchmarks.small_data --out benchmarks/results/small_data.json
 
+# The model the default profile trains, bare and behind the gateway, the naive app, TF Serving's double
+# (about 5 minutes); then whether batch-norm folding or freezing speeds the served graph.
 bench-serve: $(BENCH_STAMP)
+	@bash scripts/ensure-hey.sh
 	$(PY) -m benchmarks.serving_latency --out benchmarks/results/serving_latency.json
+	$(PY) -m benchmarks.bn_folding --out benchmarks/results/bn_folding.json
 
 loadtest: $(LOAD_STAMP)
 	$(PY) -m loadtest.run

@@ -186,48 +186,120 @@ def small_data_section(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _opt(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _serving_model_text(model: dict[str, Any]) -> str:
+    width = f" width {model['width']}" if model.get("width") is not None else ""
+    profile = ""
+    if model.get("profile"):
+        profile = f", {model['profile']} resolved for {model['num_train']:,} images"
+    return f"{model['arch']}{width} ({model['params']:,} parameters{profile}); weights {model['weights']}"
+
+
 def serving_section(data: dict[str, Any]) -> list[str]:
-    s = data["settings"]
-    width = f", width {s['width']}" if s.get("width") else ""
-    model = s["run_dir"] or "untrained " + s["arch"] + width
-    command = f"python -m benchmarks.serving_latency --duration {s['duration_s']:g} --workers {s['workers']}"
-    m = data.get("machine", {})
-    lines = [
-        run_line(command, data=f"random-pixel 32x32 PNG uploads (numpy seed 0); model: {model}",
-                 seeds="0", machine=machine_text(m) if m else "not recorded",
-                 load=load_text(m.get("load_average_1m"))),
+    if "runs" not in data:  # written by the benchmark before it measured the default profile's model
+        return ["Not measured: `serving_latency.json` is from an older version of the benchmark; "
+                "`make bench-serve` rewrites it.", ""]  # fmt: skip
+    s, m, bare = data["settings"], data.get("machine", {}), data["bare_model"]
+    lines = []
+    if s.get("quick"):
+        lines += ["**A --quick smoke run: levels of a few seconds, figures not meaningful.**", ""]
+    lines += [
+        run_line(data["command"], data="random-pixel 32x32 PNG uploads (numpy seed 0); model: "
+                 + _serving_model_text(data["model"]), seeds="0",
+                 machine=machine_text(m) if m else "not recorded",
+                 load=load_text(m.get("load_average_1m"), m.get("load_average_1m_end"))),
         "",
-        "Both apps run under gunicorn with the same worker count on this machine; each client sends a",
-        "request, waits for the answer and sends the next (closed loop). The naive app is the tutorial",
-        "approach: a Flask route calling Keras `model.predict` on each upload.",
+        "The bare model is the published SavedModel's `serving_default` called in the benchmark's process",
+        "(no HTTP), at each batch size; its best batched images/s is the most this CPU gives for the model.",
+        f"The gateway runs under gunicorn as `make serve` starts it ({s['workers']} workers); the naive app",
+        "(a Flask route calling Keras `model.predict` per upload, the same model file) under the same",
+        f"gunicorn settings. Load: {s['client']}: each client sends its next request when the answer to",
+        f"its last arrives, for {s['duration_s']:g} s per level after {s['warmup_s']:g} s not counted.",
+        "Errors are answers other than 200 (hey's CSV lists only requests that got an answer).",
         "",
-        "| app | scenario | clients | req/s | images/s | p50 ms | p90 ms | p99 ms | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| bare model, in process | ms per call (median) | images/s |",
+        "|---|---:|---:|",
     ]  # fmt: skip
-    for r in data["scenarios"]:
-        lines.append(
-            f"| {r['app']} | {r['scenario']} | {r['clients']} | {r['rps']:.1f} | {r['images_per_s']:.0f} | "
-            f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |"
-        )
-    bare = data["bare_model"]
-    lines.append(
-        f"| bare model | 64 images, in process | - | - | {bare['batch64_images_per_s']:.0f} | "
-        f"{bare['batch64_ms']:.2f} | - | - | - |"
-    )
-    lines.append(
-        f"| bare model | 1 image, in process | - | - | - | {bare['single_image_ms']:.2f} | - | - | - |"
-    )
-    rows = {(r["app"], r["scenario"], r["clients"]): r for r in data["scenarios"]}
-    naive16, gate16 = rows[("naive", "1 image", 16)], rows[("gateway", "1 image", 16)]
+    for b in bare["batches"]:
+        lines.append(f"| batch {b['batch']} | {b['median_ms']:.2f} | {b['images_per_s']:.0f} |")
     lines += [
         "",
-        f"At 16 clients the gateway answers {gate16['rps'] / max(naive16['rps'], 1e-9):.1f}x the naive app's "
-        "requests per second.",
+        "\"Of bare\": images/s as a fraction of the bare model's best batched images/s (of its batch-64",
+        "images/s for 64-image requests). \"vs naive\": req/s over the naive app's at the same clients.",
         "",
-        "| target | result |",
-        "|---|---|",
+        "| app | images/request | clients | req/s | images/s | of bare | vs naive | p50 ms | p90 ms | p99 ms "
+        "| errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {name} | {met(ok)} |" for name, ok in data["targets"].items()]
+    for r in data["runs"]:
+        codes = {c: n for c, n in r["status_codes"].items() if c != "200"}
+        errors = str(r["errors"])
+        if codes:
+            errors += " (" + ", ".join(f"{n}x {c}" for c, n in codes.items()) + ")"
+        vs = f"{r['vs_naive']:.1f}x" if r.get("vs_naive") is not None else "-"
+        latencies = " | ".join(_opt(r[k], ".1f") for k in ("p50_ms", "p90_ms", "p99_ms"))
+        lines.append(
+            f"| {r['app']} | {r['images_per_request']} | {r['clients']} | {r['rps']:.1f} "
+            f"| {r['images_per_s']:.0f} | {r['fraction_of_bare']:.0%} | {vs} | {latencies} | {errors} |"
+        )
+    lines += ["", "| target (issue 14) | measured | result |", "|---|---|---|"]
+    lines += [f"| {t['name']} | {t['text']} | {met(t['met'])} |" for t in data["targets"]]
+    lines.append("")
+    return lines
+
+
+def _ms_cell(timing: dict[str, float]) -> str:
+    cpu = f" (CPU {timing['median_cpu_ms']:.1f})" if "median_cpu_ms" in timing else ""
+    return f"{timing['median_ms']:.2f}{cpu}"
+
+
+def _cpu_speedup(verdict: dict[str, Any], batch: str) -> str:
+    cpu = verdict.get("cpu_speedup", {}).get(batch)
+    return f" (CPU {cpu:.2f}x)" if cpu is not None else ""
+
+
+def bn_folding_section(data: dict[str, Any]) -> list[str]:
+    m, model = data["machine"], data["model"]
+    batches = sorted(data["timings"], key=int)
+    lines = [
+        run_line(data["command"],
+                 data=f"random pixels (numpy seeds 0 and 1); model: {_serving_model_text(model)}",
+                 seeds="0", machine=machine_text(m),
+                 load=load_text(m.get("load_average_1m"), m.get("load_average_1m_end"))),
+        "",
+        "Each variant is the model's `serving_default` graph (what the embedded backend calls), timed",
+        f"in one process round-robin for {data['duration_s']:g} s per batch size (median ms per call).",
+        "Unfolded: the export with `fold_bn=False`; BN folded: the export as `make serve` publishes it,",
+        "every batch norm folded into its convolution; frozen: variables turned into constants (grappler",
+        "then sees the weights); XLA: the Keras model's inference under `jit_compile=True`. Parity: the",
+        f"largest probability difference from the Keras model (must be <= {data['parity_atol']:.0e}).",
+        "CPU: the process's CPU ms per call (all TensorFlow threads), less moved by other processes.",
+        "",
+        "| variant | parity | " + " | ".join(f"batch {b} ms" for b in batches)
+        + " | speed-up vs unfolded | helps |",
+        "|---|---:|" + "---:|" * len(batches) + "---|---|",
+    ]  # fmt: skip
+    for name, check in data["parity"].items():
+        if "error" in check:
+            lines.append(f"| {name} | failed: {check['error']} |" + " - |" * len(batches) + " - | - |")
+            continue
+        ms = " | ".join(_ms_cell(data["timings"][b][name]) for b in batches)
+        v = data["verdict"].get(name)
+        speed = "-"
+        if v:
+            speed = ", ".join(f"{v['speedup'][b]:.2f}x at batch {b}{_cpu_speedup(v, b)}" for b in batches)
+        helps = ("yes" if v["helps"] else "no") if v else "-"
+        lines.append(f"| {name} | {check['max_abs_difference']:.1e} | {ms} | {speed} | {helps} |")
+    folded = next((v for name, v in data["verdict"].items() if name.startswith("BN folded (")), None)
+    threshold = f"{data['helps_threshold']:.0%}"
+    if folded is not None:
+        lines += ["", "Batch-norm folding, which the export does: "
+                  + ("helps on this run" if folded["helps"] else "does NOT help on this run")
+                  + f" (helps: at least {threshold} faster at one batch size, not slower at the other, "
+                  "with parity)."]  # fmt: skip
     lines.append("")
     return lines
 
@@ -271,7 +343,10 @@ SOURCES: tuple[tuple[str, str, tuple[tuple[str, Section], ...]], ...] = (
          small_data_section),
     )),
     ("serving_latency.json", "make bench-serve", (
-        ("## Serving latency (`make bench-serve`)", serving_section),
+        ("## Serving latency and throughput (`make bench-serve`)", serving_section),
+    )),
+    ("bn_folding.json", "make bench-serve", (
+        ("## Served graph: batch-norm folding, freezing, XLA (`make bench-serve`)", bn_folding_section),
     )),
 )  # fmt: skip
 

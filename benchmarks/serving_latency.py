@@ -1,56 +1,139 @@
-"""Serving latency and throughput: the naive Flask + `model.predict` app against the gateway.
+"""Serving throughput on the model users get: the bare model's limits, the gateway, the naive app.
 
-Both run under gunicorn with the same settings (serving/gunicorn.conf.py, same worker count) and
-the same model, and get the same closed-loop load: C clients each sending one request, waiting
-for the answer, sending the next. Scenarios: single-image uploads at 1 and 16 clients for both,
-then 64-image requests to the gateway, compared with the bare model's own batch throughput
-(the SavedModel signature called in this process, no HTTP).
+One run, one machine, in this order:
 
-  python -m benchmarks.serving_latency [--run-dir RUN] [--duration 8] [--out results.json]
+1. The model: what the default profile trains (configs/default.yaml with the trainer's recipe resolved
+   for full CIFAR-10, 50,000 images: bn_cnn width 64), untrained unless --run-dir names a trained run
+   (speed does not depend on what the weights learned), published as `make serve` publishes it.
+2. The bare model: the published SavedModel's `serving_default` signature called in this process, no
+   HTTP: batch 1 (latency) and batches 8, 16, 32, 64 (images/s). The best batched figure is the most
+   this CPU gives for this model; every gateway figure is reported as a fraction of it.
+3. The gateway under gunicorn as `make serve` starts it (loadtest.gateway_process.running_gateway,
+   serving/gunicorn.conf.py), loaded by `hey` (Debian's /usr/bin/hey, a Go client, so the load
+   generator takes little CPU from the servers): a closed loop of C clients for D seconds, each
+   sending its next request when the answer to the last arrives. 1, 4, 16 and 64 clients posting
+   one image each; 64-image requests at 1, 2 and 4 clients.
+4. The naive app (benchmarks/naive_flask.py: Flask calling Keras `model.predict` per upload, the
+   same model file) under the same gunicorn settings at 1, 16 and 64 clients.
+5. The gateway with its TF Serving backend pointed at the test double (tests/tfserving_double, its
+   own process, the same SavedModel) at 1 and 16 clients.
 
-Without --run-dir an untrained model of the default architecture is built: speed does not depend
-on what the weights learned. Clients and servers share this machine's CPUs, as they would on one host.
+Latencies and status codes are hey's per-request CSV (-o csv); requests started in the first
+--warmup seconds of each level are not counted. The targets of issue 14 are computed from the figures.
+
+  python -m benchmarks.serving_latency [--duration 8] [--warmup 1] [--quick] [--run-dir RUN]
+      [--out benchmarks/results/serving_latency.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
+import csv
 import io
 import json
+import math
 import os
-import platform
-import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from benchmarks.machine import describe, load_average
 from contract.signatures import CHANNELS, IMAGES_KEY, INPUT_SIZE, PROBABILITIES_KEY, SERVING_DEFAULT
-from loadtest.gateway_process import running_gateway  # the launcher the load test and drills use
+from loadtest.gateway_process import PROJECT_ROOT, running_gateway
 
+DEFAULT_PROFILE = Path("configs/default.yaml")
+CIFAR10_TRAIN_IMAGES = 50_000  # what benchmarks.xla_step.profile_config resolves `auto` against
+CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_MEAN, CIFAR10_STD = [125.3, 123.0, 113.9], [63.0, 62.1, 66.7]  # per channel, 0..255 pixels
+MODEL_NAME = "cifar10"
 BOUNDARY = "benchmark-boundary-7f3a"
+CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
+HEY = "/usr/bin/hey"
+
+BARE_BATCHES = (1, 8, 16, 32, 64)
+GATEWAY_CLIENTS = (1, 4, 16, 64)  # one image per request
+GATEWAY_BATCH_CLIENTS = (1, 2, 4)  # 64 images per request
+NAIVE_CLIENTS = (1, 16, 64)
+TFSERVING_CLIENTS = (1, 16)
+BATCH_IMAGES = 64
+
+GATEWAY, NAIVE, TFSERVING = "gateway", "naive", "gateway + TF Serving double"
+
+# Issue 14's targets, checked in check_targets().
+TARGET_NAIVE_RATIO = 15.0  # 16 clients: gateway req/s over the naive app's
+TARGET_P99_MS = 100.0  # 16 clients
+TARGET_BARE_FRACTION = 0.70  # 16 clients: of the bare model's best batched images/s
+TARGET_BATCH1_SLACK_MS = 3.0  # 1 client: p50 at most bare batch-1 latency + this
+TARGET_BATCH64_FRACTION = 0.80  # 64-image requests: of the bare model's batch-64 images/s
 
 
-def build_run_dir(directory: Path, arch: str, width: int | None = None) -> Path:
-    """A run directory holding an untrained `arch` model: what export and the naive app read."""
+# -- the model ---------------------------------------------------------------------------------------
+
+
+def default_profile_model(profile: Path = DEFAULT_PROFILE) -> tuple[Any, dict[str, Any]]:
+    """(untrained Keras model, what it is) built as the trainer builds the profile's model (seed 0)."""
     import keras
 
+    # The XLA benchmark resolves a profile as `trainer train` does (trainer.recipe); the same here.
+    from benchmarks.xla_step import profile_config
     from trainer.models import build_model
 
-    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    mean, std = [125.3, 123.0, 113.9], [63.0, 62.1, 66.7]
-    keras.utils.set_random_seed(0)
-    model = build_model(arch, num_classes=len(classes), mean=mean, std=std, width=width)
+    config = profile_config(profile)
+    m = config.model
+    keras.utils.set_random_seed(config.train.seed)
+    model = build_model(
+        m.arch, num_classes=len(CLASS_NAMES), mean=CIFAR10_MEAN, std=CIFAR10_STD,
+        augmentation=config.augment, width=m.width, dropout=m.dropout,
+        bn_momentum=config.optim.bn_momentum, init=m.init, head_bias=m.head_bias,
+    )  # fmt: skip
+    info = {
+        "profile": str(profile), "arch": m.arch, "width": int(m.width), "params": int(model.count_params()),
+        "num_train": int(config.data.num_train or CIFAR10_TRAIN_IMAGES), "class_names": CLASS_NAMES,
+        "weights": "untrained (seed 0): speed does not depend on what the weights learned",
+    }  # fmt: skip
+    return model, info
+
+
+def build_run_dir(directory: Path, profile: Path) -> tuple[Path, dict[str, Any]]:
+    """A run directory holding the profile's untrained model: what publish and the naive app read."""
+    model, info = default_profile_model(profile)
     directory.mkdir(parents=True, exist_ok=True)
     model.save(directory / "model.keras")
-    (directory / "dataset.json").write_text(json.dumps({"name": "benchmark", "class_names": classes}))
+    (directory / "dataset.json").write_text(json.dumps({"name": "benchmark", "class_names": CLASS_NAMES}))
     (directory / "metrics.json").write_text(json.dumps({"test_accuracy": None}))
-    return directory
+    return directory, info
+
+
+def trained_run_info(run_dir: Path) -> dict[str, Any]:
+    """What a trained run's model is (arch, width, parameters), from its files."""
+    import keras
+
+    import trainer.models  # noqa: F401 - registers the project's custom layers for loading
+
+    model = keras.saving.load_model(run_dir / "model.keras", compile=False)
+    def read(name: str) -> dict[str, Any]:
+        path = run_dir / name
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    model_config = read("config.json").get("model", {})
+    # recipe.json holds the width the run resolved (config.json may say "auto").
+    width = read("recipe.json").get("width", model_config.get("width"))
+    return {"profile": None, "arch": model_config.get("arch", "unknown"), "width": width,
+            "params": int(model.count_params()), "weights": f"trained: {run_dir}"}  # fmt: skip
+
+
+# -- request bodies ----------------------------------------------------------------------------------
 
 
 def sample_pngs(count: int) -> list[bytes]:
@@ -76,200 +159,336 @@ def multipart(field: str, images: list[bytes]) -> bytes:
     return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
 
 
-def closed_loop(port: int, path: str, body: bytes, clients: int, duration_s: float) -> dict:
-    """`clients` threads, each on its own keep-alive connection, for `duration_s` after a warmup."""
-    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors = [0] * clients
-    start_at = time.monotonic() + 1.0  # one second of warmup requests, not counted
-    stop_at = start_at + duration_s
-
-    def client(index: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        while True:
-            sent = time.monotonic()
-            if sent >= stop_at:
-                break
-            try:
-                conn.request("POST", path, body=body, headers=headers)
-                response = conn.getresponse()
-                response.read()
-                ok = response.status == 200
-            except OSError:
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                ok = False
-            if sent >= start_at:
-                if ok:
-                    latencies[index].append(time.monotonic() - sent)
-                else:
-                    errors[index] += 1
-        conn.close()
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    all_latencies = sorted(x for per_client in latencies for x in per_client)
-    if not all_latencies:
-        return {"requests": 0, "errors": sum(errors), "rps": 0.0, "p50_ms": None, "p99_ms": None}
-    quantiles = statistics.quantiles(all_latencies, n=100, method="inclusive")
-    return {
-        "requests": len(all_latencies),
-        "errors": sum(errors),
-        "rps": len(all_latencies) / duration_s,
-        "p50_ms": 1000 * statistics.median(all_latencies),
-        "p90_ms": 1000 * quantiles[89],
-        "p99_ms": 1000 * quantiles[98],
-    }
+# -- the bare model ----------------------------------------------------------------------------------
 
 
-def bare_model_call(model_path: Path, batch: int, duration_s: float) -> tuple[float, float]:
-    """(images per second, median ms per call) of the SavedModel's serving_default signature, in process."""
+def measure_bare_model(model_path: Path, duration_s: float) -> dict[str, Any]:
+    """The SavedModel's serving_default called in this process at each of BARE_BATCHES: median ms per
+    call and images/s. The best batched images/s is the limit this CPU gives for this model."""
     import tensorflow as tf
 
-    signature = tf.saved_model.load(str(model_path)).signatures[SERVING_DEFAULT]
-    shape = (batch, INPUT_SIZE, INPUT_SIZE, CHANNELS)
-    inputs = {IMAGES_KEY: tf.constant(np.random.default_rng(0).integers(0, 256, shape).astype(np.float32))}
-    for _ in range(3):
-        signature(**inputs)
-    times: list[float] = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < duration_s:
-        call = time.perf_counter()
-        signature(**inputs)[PROBABILITIES_KEY].numpy()
-        times.append(time.perf_counter() - call)
-    return len(times) * batch / (time.perf_counter() - start), 1000 * statistics.median(times)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--run-dir", type=Path, help="a trained run directory (default: untrained model)")
-    parser.add_argument("--arch", default="bn_cnn", help="architecture when no --run-dir is given")
-    parser.add_argument(
-        "--width", type=int, default=16, help="channel width when no --run-dir is given (16: what "
-        "configs/quick.yaml, the model `make serve` trains, uses)"
-    )
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per scenario")
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers for both apps")
-    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
-    return parser.parse_args(argv)
-
-
-def new_results(args: argparse.Namespace) -> dict:
-    """The results document before any measurement: this machine and the settings of the run."""
-    return {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
-        "settings": {"duration_s": args.duration, "workers": args.workers, "arch": args.arch,
-                     "width": args.width, "run_dir": str(args.run_dir) if args.run_dir else None},
-        "scenarios": [],
-    }  # fmt: skip
-
-
-def measure(
-    results: dict, app: str, port: int, path: str, field: str, images: list[bytes],
-    clients: tuple[int, ...], duration_s: float,
-) -> None:
-    """Closed-loop load at each client count; one row per count in results["scenarios"]."""
-    body = multipart(field, images)
-    scenario = "1 image" if len(images) == 1 else f"{len(images)} images"
-    for count in clients:
-        measured = closed_loop(port, path, body, count, duration_s)
-        results["scenarios"].append({
-            "app": app, "scenario": scenario, "clients": count,
-            "images_per_request": len(images), **measured,
-            "images_per_s": measured["rps"] * len(images),
-        })  # fmt: skip
-        p50, p99 = measured["p50_ms"] or float("nan"), measured["p99_ms"] or float("nan")
-        print(
-            f"{app:8} {scenario:10} c={count:<3} rps={measured['rps']:8.1f} "
-            f"p50={p50:8.2f} ms p99={p99:8.2f} ms errors={measured['errors']}",
-            flush=True,
+    loaded = tf.saved_model.load(str(model_path))
+    signature = loaded.signatures[SERVING_DEFAULT]
+    rows = []
+    for batch in BARE_BATCHES:
+        shape = (batch, INPUT_SIZE, INPUT_SIZE, CHANNELS)
+        images = tf.constant(np.random.default_rng(0).integers(0, 256, shape).astype(np.float32))
+        for _ in range(3):
+            signature(**{IMAGES_KEY: images})[PROBABILITIES_KEY].numpy()
+        times: list[float] = []
+        stop_at = time.perf_counter() + duration_s
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter()
+            signature(**{IMAGES_KEY: images})[PROBABILITIES_KEY].numpy()
+            times.append(time.perf_counter() - start)
+        median = float(np.median(times))
+        rows.append(
+            {"batch": batch, "calls": len(times), "median_ms": 1000 * median, "images_per_s": batch / median}
         )
+        print(f"bare model, batch {batch:2}: {1000 * median:7.2f} ms per call, "
+              f"{batch / median:7.0f} images/s", flush=True)  # fmt: skip
+    return bare_summary(rows)
 
 
-def measure_naive_app(results: dict, run_dir: Path, args: argparse.Namespace) -> None:
-    """The naive Flask app under gunicorn: single-image uploads at 1 and 16 clients."""
-    env = {"NAIVE_RUN_DIR": str(run_dir), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    # The naive app has no health route: a GET on its POST-only /predict answers 405 once up.
-    with running_gateway(
-        env,
-        workers=args.workers,
-        app="benchmarks.naive_flask:create_app()",
-        probe_path="/predict",
-        probe_statuses=(405,),
-        startup_timeout=180,
-    ) as naive:
-        measure(results, "naive", naive.port, "/predict", "file", sample_pngs(1), (1, 16), args.duration)
+def bare_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    by_batch = {r["batch"]: r for r in rows}
+    batched = max((r for r in rows if r["batch"] > 1), key=lambda r: r["images_per_s"])
+    return {
+        "batches": rows,
+        "batch1_ms": by_batch[1]["median_ms"],
+        "batch1_images_per_s": by_batch[1]["images_per_s"],
+        "batched_images_per_s": batched["images_per_s"],
+        "batched_best_batch": batched["batch"],
+        "batch64_images_per_s": by_batch[BATCH_IMAGES]["images_per_s"],
+    }
 
 
-def measure_gateway(results: dict, model_base: Path, args: argparse.Namespace) -> None:
-    """The gateway (embedded backend) under gunicorn: single images at 1 and 16 clients, then 64-image
-    requests at 1 and 4."""
-    env = {
+# -- hey ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One request as hey recorded it."""
+
+    latency_s: float
+    status: int
+    offset_s: float  # when it was sent, from hey's start
+
+
+def parse_hey_csv(text: str) -> list[Answer]:
+    """hey's `-o csv` rows: response-time, ..., status-code, offset (seconds). hey lists only requests
+    that got an HTTP answer: a connection error or a client timeout (-t) leaves no row."""
+    reader = csv.DictReader(io.StringIO(text))
+    if reader.fieldnames is None or not {"response-time", "status-code", "offset"} <= set(reader.fieldnames):
+        raise ValueError(f"not hey's CSV output (header {reader.fieldnames}); is /usr/bin/hey hey 0.1.4+?")
+    return [Answer(float(r["response-time"]), int(r["status-code"]), float(r["offset"])) for r in reader]
+
+
+def _quantile_ms(sorted_s: list[float], q: float) -> float:
+    """Nearest-rank quantile in ms: the smallest latency with at least q of the requests at or below it."""
+    return 1000 * sorted_s[max(0, math.ceil(q * len(sorted_s)) - 1)]
+
+
+def summarize(answers: list[Answer], warmup_s: float, duration_s: float, images_per_request: int) -> dict:
+    """Figures over the requests sent in [warmup_s, warmup_s + duration_s): throughput counts the
+    answers with status 200; every other status is an error; latencies are the 200s'."""
+    counted = [a for a in answers if warmup_s <= a.offset_s < warmup_s + duration_s]
+    ok = sorted(a.latency_s for a in counted if a.status == 200)
+    statuses = Counter(a.status for a in counted)
+    summary = {
+        "requests": len(counted),
+        "ok": len(ok),
+        "errors": len(counted) - len(ok),
+        "status_codes": {str(code): n for code, n in sorted(statuses.items())},
+        "rps": len(ok) / duration_s,
+        "images_per_s": len(ok) * images_per_request / duration_s,
+        # Slowest answer of the whole level, warm-up included: the deadline check reads it.
+        "max_ms": 1000 * max((a.latency_s for a in answers), default=0.0),
+    }
+    for name, q in (("p50_ms", 0.50), ("p90_ms", 0.90), ("p99_ms", 0.99)):
+        summary[name] = _quantile_ms(ok, q) if ok else None
+    return summary
+
+
+def run_hey(url: str, body: Path, clients: int, seconds: float, timeout_s: int) -> list[Answer]:
+    """A closed loop of `clients` hey workers POSTing `body` to `url` for `seconds`."""
+    command = [HEY, "-z", f"{seconds:g}s", "-c", str(clients), "-m", "POST", "-D", str(body),
+               "-T", CONTENT_TYPE, "-t", str(timeout_s), "-o", "csv", url]  # fmt: skip
+    # hey lets every request in flight finish after -z ends: allow for the slowest one.
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + timeout_s + 30)
+    if done.returncode != 0:
+        raise RuntimeError(f"hey failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    return parse_hey_csv(done.stdout)
+
+
+# -- the levels --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Load:
+    duration_s: float
+    warmup_s: float
+    timeout_s: int  # hey's per-request timeout: beyond the gateway's deadline, so it never cuts first
+
+
+def measure_levels(
+    results: dict,
+    app: str,
+    url: str,
+    body: Path,
+    images_per_request: int,
+    clients: tuple[int, ...],
+    load: Load,
+) -> None:
+    """One hey run per client count; one row each in results["runs"]."""
+    for count in clients:
+        answers = run_hey(url, body, count, load.warmup_s + load.duration_s, load.timeout_s)
+        row = {"app": app, "images_per_request": images_per_request, "clients": count,
+               **summarize(answers, load.warmup_s, load.duration_s, images_per_request)}  # fmt: skip
+        results["runs"].append(row)
+        print(f"{app:28} {images_per_request:2} img  c={count:<3} req/s={row['rps']:8.1f} "
+              f"img/s={row['images_per_s']:7.0f} p50={_ms(row['p50_ms'])} p99={_ms(row['p99_ms'])} "
+              f"errors={row['errors']} {row['status_codes']}", flush=True)  # fmt: skip
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:8.2f} ms" if value is not None else "       - ms"
+
+
+def gateway_env(model_base: Path, tfserving_address: str = "") -> dict[str, str]:
+    return {
         "GATEWAY_MODEL_BASE_PATH": str(model_base),
-        "GATEWAY_MODEL_NAME": "cifar10",
-        "GATEWAY_TFSERVING_ADDRESS": "",
+        "GATEWAY_MODEL_NAME": MODEL_NAME,
+        "GATEWAY_TFSERVING_ADDRESS": tfserving_address,
         "TF_CPP_MIN_LOG_LEVEL": "3",
     }
-    with running_gateway(env, workers=args.workers, startup_timeout=180) as gateway:
-        measure(results, "gateway", gateway.port, "/v1/predict", "images", sample_pngs(1), (1, 16),
-                args.duration)
-        measure(results, "gateway", gateway.port, "/v1/predict", "images", sample_pngs(64), (1, 4),
-                args.duration)
 
 
-def measure_bare_model(model_path: Path, duration_s: float) -> dict:
-    """The SavedModel called in this process, no HTTP: the ceiling for 64-image requests."""
-    bare, bare64_ms = bare_model_call(model_path, 64, duration_s)
-    _, bare1_ms = bare_model_call(model_path, 1, min(duration_s, 3.0))
-    print(f"bare model in process: batch of 64 {bare:.0f} images/s; one image {bare1_ms:.2f} ms", flush=True)
-    return {"batch64_images_per_s": bare, "batch64_ms": bare64_ms, "single_image_ms": bare1_ms}
+def measure_gateway(results: dict, model_base: Path, bodies: dict[int, Path], args: argparse.Namespace,
+                    load: Load) -> None:  # fmt: skip
+    with running_gateway(gateway_env(model_base), workers=args.workers, startup_timeout=180) as gateway:
+        url = gateway.url + "/v1/predict"
+        measure_levels(results, GATEWAY, url, bodies[1], 1, GATEWAY_CLIENTS, load)
+        measure_levels(results, GATEWAY, url, bodies[BATCH_IMAGES], BATCH_IMAGES, GATEWAY_BATCH_CLIENTS, load)
 
 
-def scenario_rows(results: dict) -> dict[tuple[str, str, int], dict]:
-    """The measured rows by (app, scenario, clients)."""
-    return {(r["app"], r["scenario"], r["clients"]): r for r in results["scenarios"]}
+def measure_naive_app(results: dict, run_dir: Path, body: Path, args: argparse.Namespace, load: Load) -> None:
+    env = {"NAIVE_RUN_DIR": str(run_dir), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # The naive app has no health route: a GET on its POST-only /predict answers 405 once it is up.
+    app = "benchmarks.naive_flask:create_app()"
+    with running_gateway(env, workers=args.workers, app=app, probe_path="/predict", probe_statuses=(405,),
+                         startup_timeout=180) as naive:  # fmt: skip
+        measure_levels(results, NAIVE, naive.url + "/predict", body, 1, NAIVE_CLIENTS, load)
 
 
-def check_targets(results: dict) -> dict[str, bool]:
-    """Each target the gateway is built to meet, and whether this run met it."""
-    rows = scenario_rows(results)
-    naive16, gate16 = rows[("naive", "1 image", 16)], rows[("gateway", "1 image", 16)]
-    gate1 = rows[("gateway", "1 image", 1)]
-    best64 = max(rows[("gateway", "64 images", c)]["images_per_s"] for c in (1, 4))
-    return {
-        "16 clients: gateway rps >= 10x naive": gate16["rps"] >= 10 * naive16["rps"],
-        "16 clients: gateway p99 < 100 ms": (gate16["p99_ms"] or 1e9) < 100,
-        "1 client: gateway p50 < 5 ms": (gate1["p50_ms"] or 1e9) < 5,
-        "64-image requests >= 0.5x bare model batch throughput":
-            best64 >= 0.5 * results["bare_model"]["batch64_images_per_s"],
-    }  # fmt: skip
+@contextmanager
+def tfserving_double(model_base: Path, log_path: Path) -> Iterator[str]:
+    """The TF Serving test double (`python -m tests.tfserving_double`) as its own process; yields its
+    host:port. (tests/fixtures/tfserving.py's ProcessDouble does the same for the test suite, but
+    importing it needs pytest, which `make bench-serve` does not install.)"""
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.tfserving_double", "--model-base", str(model_base), "--port", "0"],
+            cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        address = None
+        for line in process.stdout:  # the double prints this line once its models are loaded
+            if line.startswith("tfserving-double listening on "):
+                address = line.rsplit(" ", 1)[1].strip()
+                break
+        # Keep reading what it prints, so a full pipe never blocks it mid-benchmark.
+        threading.Thread(target=process.stdout.read, daemon=True).start()
+        if address is None:
+            raise RuntimeError(
+                f"the TF Serving double exited ({process.wait()}):\n{log_path.read_text()[-3000:]}"
+            )
+        yield address
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def measure_tfserving(results: dict, model_base: Path, body: Path, work: Path, args: argparse.Namespace,
+                      load: Load) -> None:  # fmt: skip
+    with (
+        tfserving_double(model_base, work / "tfserving-double.log") as address,
+        running_gateway(
+            gateway_env(model_base, address), workers=args.workers, startup_timeout=180
+        ) as gateway,
+    ):
+        measure_levels(results, TFSERVING, gateway.url + "/v1/predict", body, 1, TFSERVING_CLIENTS, load)
+
+
+# -- ratios and targets ------------------------------------------------------------------------------
+
+
+def add_ratios(results: dict) -> None:
+    """Each run's images/s as a fraction of the bare model's (batch 64 for 64-image requests, the
+    best batch otherwise) and its req/s over the naive app's at the same clients (single images)."""
+    bare = results["bare_model"]
+    naive = {r["clients"]: r for r in results["runs"] if r["app"] == NAIVE}
+    for r in results["runs"]:
+        limit = (
+            bare["batch64_images_per_s"]
+            if r["images_per_request"] == BATCH_IMAGES
+            else bare["batched_images_per_s"]
+        )
+        r["fraction_of_bare"] = r["images_per_s"] / limit
+        base = naive.get(r["clients"]) if r["images_per_request"] == 1 and r["app"] != NAIVE else None
+        r["vs_naive"] = r["rps"] / base["rps"] if base and base["rps"] > 0 else None
+
+
+def _row(results: dict, app: str, images: int, clients: int) -> dict | None:
+    return next((r for r in results["runs"] if (r["app"], r["images_per_request"], r["clients"]) ==
+                 (app, images, clients)), None)  # fmt: skip
+
+
+def check_targets(results: dict) -> list[dict[str, Any]]:
+    """Issue 14's targets, each with what was measured and whether it was met (a missing level: not met)."""
+    bare = results["bare_model"]
+    g16, g1 = _row(results, GATEWAY, 1, 16), _row(results, GATEWAY, 1, 1)
+    n16 = _row(results, NAIVE, 1, 16)
+    batch_rows = [
+        r for r in results["runs"] if r["app"] == GATEWAY and r["images_per_request"] == BATCH_IMAGES
+    ]
+    gateway_rows = [r for r in results["runs"] if r["app"] in (GATEWAY, TFSERVING)]
+    deadline_ms = 1000 * results["settings"]["request_deadline_s"]
+    targets = []
+
+    def target(name: str, measured: float | None, met: bool, text: str) -> None:
+        targets.append({"name": name, "measured": measured, "met": bool(met), "text": text})
+
+    ratio = g16["rps"] / n16["rps"] if g16 and n16 and n16["rps"] > 0 else None
+    target(
+        f"16 clients: gateway req/s >= {TARGET_NAIVE_RATIO:g}x the naive app's",
+        ratio,
+        ratio is not None and ratio >= TARGET_NAIVE_RATIO,
+        f"{ratio:.1f}x" if ratio is not None else "not measured",
+    )
+    p99 = g16["p99_ms"] if g16 else None
+    target(
+        f"16 clients: gateway p99 < {TARGET_P99_MS:g} ms",
+        p99,
+        p99 is not None and p99 < TARGET_P99_MS,
+        f"{p99:.1f} ms" if p99 is not None else "not measured",
+    )
+    fraction = g16["fraction_of_bare"] if g16 else None
+    target(
+        f"16 clients: gateway images/s >= {TARGET_BARE_FRACTION:.0%} of the bare model's batched images/s",
+        fraction,
+        fraction is not None and fraction >= TARGET_BARE_FRACTION,
+        f"{fraction:.0%} ({g16['images_per_s']:.0f} of {bare['batched_images_per_s']:.0f})"
+        if g16
+        else "not measured",
+    )
+    p50 = g1["p50_ms"] if g1 else None
+    limit = bare["batch1_ms"] + TARGET_BATCH1_SLACK_MS
+    target(
+        f"1 client: gateway p50 <= bare batch-1 latency + {TARGET_BATCH1_SLACK_MS:g} ms",
+        p50,
+        p50 is not None and p50 <= limit,
+        f"{p50:.2f} ms vs {limit:.2f} ms" if p50 is not None else "not measured",
+    )
+    best = max(batch_rows, key=lambda r: r["images_per_s"], default=None)
+    fraction64 = best["fraction_of_bare"] if best else None
+    target(
+        f"64-image requests: images/s >= {TARGET_BATCH64_FRACTION:.0%} of the bare model's batch-64 images/s",
+        fraction64,
+        fraction64 is not None and fraction64 >= TARGET_BATCH64_FRACTION,
+        f"{fraction64:.0%} ({best['images_per_s']:.0f} of {bare['batch64_images_per_s']:.0f}, "
+        f"{best['clients']} client{'s' if best['clients'] > 1 else ''})"
+        if best
+        else "not measured",
+    )
+    errors = sum(r["errors"] for r in gateway_rows)
+    target(
+        "no error at any gateway load level",
+        errors,
+        bool(gateway_rows) and errors == 0,
+        f"{errors} errors in {sum(r['requests'] for r in gateway_rows)} requests",
+    )
+    slowest = max((r["max_ms"] for r in gateway_rows), default=None)
+    target(
+        f"no answer later than the request deadline ({deadline_ms / 1000:g} s)",
+        slowest,
+        slowest is not None and slowest <= deadline_ms,
+        f"slowest {slowest:.0f} ms" if slowest is not None else "not measured",
+    )
+    return targets  # fmt: skip
 
 
 def print_summary(results: dict) -> None:
-    """The results as a Markdown table, the speed-up at 16 clients, and each target met or missed."""
-    bare = results["bare_model"]
-    print()
-    print("| app | scenario | clients | req/s | images/s | p50 ms | p90 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in results["scenarios"]:
+    m, bare = results["model"], results["bare_model"]
+    print(f"\nmodel: {m['arch']} width {m['width']}, {m['params']:,} parameters, {m['weights']}")
+    print(
+        f"bare model: batch 1 {bare['batch1_ms']:.2f} ms; best batched {bare['batched_images_per_s']:.0f} "
+        f"images/s (batch {bare['batched_best_batch']}); batch 64 {bare['batch64_images_per_s']:.0f} images/s"
+    )
+    print("\n| app | images/request | clients | req/s | images/s | of bare | vs naive | p50 ms | p99 ms "
+          "| errors |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results["runs"]:
+        vs = f"{r['vs_naive']:.1f}x" if r["vs_naive"] is not None else "-"
+        p50 = f"{r['p50_ms']:.1f}" if r["p50_ms"] is not None else "-"
+        p99 = f"{r['p99_ms']:.1f}" if r["p99_ms"] is not None else "-"
         print(
-            f"| {r['app']} | {r['scenario']} | {r['clients']} | {r['rps']:.1f} | {r['images_per_s']:.0f} | "
-            f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |"
+            f"| {r['app']} | {r['images_per_request']} | {r['clients']} | {r['rps']:.1f} "
+            f"| {r['images_per_s']:.0f} | {r['fraction_of_bare']:.0%} | {vs} | {p50} | {p99} "
+            f"| {r['errors']} |"
         )
-    print(f"| bare model | 64 images, in process | - | - | {bare['batch64_images_per_s']:.0f} | "
-          f"{bare['batch64_ms']:.2f} | - | - | - |")
-    print(f"| bare model | 1 image, in process | - | - | - | {bare['single_image_ms']:.2f} | - | - | - |")
-    rows = scenario_rows(results)
-    naive16, gate16 = rows[("naive", "1 image", 16)], rows[("gateway", "1 image", 16)]
-    print(f"\nspeed-up at 16 clients: {gate16['rps'] / max(naive16['rps'], 1e-9):.1f}x requests/s")
-    for name, met in results["targets"].items():
-        print(f"{'MET ' if met else 'MISSED'}  {name}")
+    print()
+    for t in results["targets"]:
+        print(f"{'met   ' if t['met'] else 'MISSED'}  {t['name']}: {t['text']}")  # fmt: skip
+
+
+# -- main --------------------------------------------------------------------------------------------
 
 
 def write_json(results: dict, out: Path) -> None:
@@ -280,21 +499,90 @@ def write_json(results: dict, out: Path) -> None:
     os.replace(tmp_out, out)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run-dir", type=Path, help="a trained run directory (default: the profile's "
+                        "model, untrained)")  # fmt: skip
+    parser.add_argument(
+        "--profile", type=Path, default=DEFAULT_PROFILE, help="the profile whose model is served"
+    )
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per load level")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of each level not counted")
+    parser.add_argument("--bare-duration", type=float, default=3.0, help="seconds per bare-model batch size")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="gunicorn workers, as `make serve` (WORKERS=2)"
+    )
+    parser.add_argument("--quick", action="store_true", help="a smoke test: 2 s per level, 0.5 s warm-up, "
+                        "0.5 s per bare batch size; the figures mean little")  # fmt: skip
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["naive", "tfserving"],
+        help="leave out the naive app or the TF Serving double run",
+    )
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup, args.bare_duration = 2.0, 0.5, 0.5
+    return args
+
+
+def check_hey() -> None:
+    if not (os.path.isfile(HEY) and os.access(HEY, os.X_OK)):
+        raise SystemExit(
+            f"{HEY} is missing: the benchmark's load generator. Install it with "
+            "`apt-get install -y hey` (Debian/Ubuntu)."
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_hey()
+    from serving.config import Settings
     from trainer.export.publish import publish
 
-    results = new_results(args)
+    started = time.monotonic()
+    settings = Settings.from_env({**os.environ, **gateway_env(Path("models"))})
+    load = Load(args.duration, args.warmup, timeout_s=math.ceil(settings.request_deadline_s) + 10)
+    results: dict[str, Any] = {
+        "command": "python -m benchmarks.serving_latency " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": {**describe(), "load_average_1m": load_average()},
+        "settings": {"quick": args.quick, "duration_s": args.duration, "warmup_s": args.warmup,
+                     "bare_duration_s": args.bare_duration, "workers": args.workers,
+                     "client": f"hey ({HEY}), closed loop, -t {load.timeout_s} s",
+                     "request_deadline_s": settings.request_deadline_s},
+        "runs": [],
+    }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         work = Path(tmp)
-        run_dir = args.run_dir or build_run_dir(work / "run", args.arch, args.width)
-        model_path = publish(run_dir, work / "models", "cifar10")
-        print(f"model: {run_dir / 'model.keras'} published as {model_path}", flush=True)
-        measure_naive_app(results, run_dir, args)
-        measure_gateway(results, work / "models", args)
-        results["bare_model"] = measure_bare_model(model_path, args.duration)
+        if args.run_dir:
+            run_dir, info = args.run_dir, trained_run_info(args.run_dir)
+        else:
+            run_dir, info = build_run_dir(work / "run", args.profile)
+        results["model"] = {k: v for k, v in info.items() if k != "class_names"}
+        print(f"model: {info['arch']} width {info['width']}, {info['params']:,} parameters "
+              f"({info['weights']})", flush=True)  # fmt: skip
+        model_path = publish(run_dir, work / "models", MODEL_NAME)
+        results["bare_model"] = measure_bare_model(model_path, args.bare_duration)
+        bodies = {n: work / f"body-{n}.multipart" for n in (1, BATCH_IMAGES)}
+        for n, path in bodies.items():
+            path.write_bytes(multipart("images", sample_pngs(n)))
+        measure_gateway(results, work / "models", bodies, args, load)
+        if "naive" not in args.skip:
+            naive_body = work / "naive-body.multipart"
+            naive_body.write_bytes(multipart("file", sample_pngs(1)))
+            measure_naive_app(results, run_dir, naive_body, args, load)
+        if "tfserving" not in args.skip:
+            measure_tfserving(results, work / "models", bodies[1], work, args, load)
+    results["machine"]["load_average_1m_end"] = load_average()
+    results["wall_s"] = round(time.monotonic() - started, 1)
+    add_ratios(results)
     results["targets"] = check_targets(results)
     print_summary(results)
+    print(f"\nwall time {results['wall_s']:.0f} s")
     if args.out:
         write_json(results, args.out)
     return 0

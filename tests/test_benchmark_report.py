@@ -1,7 +1,8 @@
 """docs/benchmarks.md rendering (benchmarks/report.py) from small fake result files: no training.
 
 Checks that every section appears, names its run, shows the side-by-side ratios and the met/MISSED
-verdicts, and says "not measured" where a results file is absent.
+verdicts, and says "not measured" where a results file is absent. At the end: how the serving
+benchmark turns hey's per-request CSV into its figures (no timing assertions).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ TITLES = (
     "## XLA on vs off",
     "## Small real data",
     "## Serving latency",
+    "## Served graph",
     "## GPU training",
 )
 
@@ -85,20 +87,56 @@ def small_data_json() -> dict[str, Any]:
 
 
 def serving_json() -> dict[str, Any]:
-    def row(app: str, scenario: str, clients: int, rps: float) -> dict[str, Any]:
-        images = 64 if scenario == "64 images" else 1
-        return {"app": app, "scenario": scenario, "clients": clients, "images_per_request": images,
-                "requests": 100, "errors": 0, "rps": rps, "p50_ms": 3.0, "p90_ms": 4.0, "p99_ms": 9.0,
-                "images_per_s": rps * images}  # fmt: skip
+    """A results file as benchmarks/serving_latency.py writes it (figures made up, ratios consistent)."""
+    from benchmarks import serving_latency as bench
 
+    def run(app: str, images: int, clients: int, rps: float, p99: float = 40.0, errors: int = 0) -> dict:
+        codes = {"200": 100} | ({"503": errors} if errors else {})
+        return {"app": app, "images_per_request": images, "clients": clients, "requests": 100 + errors,
+                "ok": 100, "errors": errors, "status_codes": codes, "rps": rps, "images_per_s": rps * images,
+                "p50_ms": 3.0, "p90_ms": 4.0, "p99_ms": p99, "max_ms": 120.0}  # fmt: skip
+
+    rows = [bench.bare_summary([
+        {"batch": 1, "calls": 50, "median_ms": 5.0, "images_per_s": 200.0},
+        {"batch": 8, "calls": 50, "median_ms": 25.0, "images_per_s": 320.0},
+        {"batch": 64, "calls": 10, "median_ms": 160.0, "images_per_s": 400.0},
+    ])]  # fmt: skip
+    results = {
+        "command": "python -m benchmarks.serving_latency --duration 8",
+        "machine": _machine(),
+        "settings": {"quick": False, "duration_s": 8.0, "warmup_s": 1.0, "bare_duration_s": 3.0, "workers": 2,
+                     "client": "hey (/usr/bin/hey), closed loop, -t 20 s", "request_deadline_s": 10.0},
+        "model": {"profile": "configs/default.yaml", "arch": "bn_cnn", "width": 64, "params": 1_150_666,
+                  "num_train": 50_000, "weights": "untrained (seed 0)"},
+        "bare_model": rows[0],
+        "runs": [run(bench.GATEWAY, 1, 1, 150.0), run(bench.GATEWAY, 1, 16, 300.0, p99=80.0),
+                 run(bench.GATEWAY, 64, 2, 5.5), run(bench.NAIVE, 1, 1, 10.0), run(bench.NAIVE, 1, 16, 15.0),
+                 run(bench.TFSERVING, 1, 16, 100.0, errors=2)],
+    }  # fmt: skip
+    bench.add_ratios(results)
+    results["targets"] = bench.check_targets(results)
+    return results
+
+
+def bn_folding_json() -> dict[str, Any]:
+    def timing(ms1: float, ms64: float) -> dict[str, dict[str, float]]:
+        return {"1": {"calls": 100, "median_ms": ms1, "images_per_s": 1000 / ms1},
+                "64": {"calls": 20, "median_ms": ms64, "images_per_s": 64_000 / ms64}}  # fmt: skip
+
+    variants = {"unfolded": timing(5.0, 200.0), "BN folded (the export)": timing(4.9, 160.0)}
+    variants["unfolded"]["64"]["median_cpu_ms"] = 390.0
     return {
-        "machine": {"cpus": 2, "platform": "Linux-test", "python": "3.11.7"},
-        "settings": {"duration_s": 8.0, "workers": 2, "arch": "bn_cnn", "width": 16, "run_dir": None},
-        "scenarios": [row("naive", "1 image", 1, 10.0), row("naive", "1 image", 16, 20.0),
-                      row("gateway", "1 image", 1, 200.0), row("gateway", "1 image", 16, 400.0),
-                      row("gateway", "64 images", 1, 20.0), row("gateway", "64 images", 4, 30.0)],
-        "bare_model": {"batch64_images_per_s": 2000.0, "batch64_ms": 32.0, "single_image_ms": 1.4},
-        "targets": {"16 clients: gateway rps >= 10x naive": True, "1 client: gateway p50 < 5 ms": False},
+        "command": "python -m benchmarks.bn_folding --duration 20",
+        "machine": _machine(),
+        "model": {"profile": "configs/default.yaml", "arch": "bn_cnn", "width": 64, "params": 1_150_666,
+                  "num_train": 50_000, "weights": "untrained (seed 0)"},
+        "duration_s": 20.0, "parity_atol": 1e-5, "helps_threshold": 0.05,
+        "parity": {"unfolded": {"max_abs_difference": 0.0, "within_atol": True},
+                   "BN folded (the export)": {"max_abs_difference": 4e-7, "within_atol": True},
+                   "XLA (Keras model, jit_compile)": {"error": "InvalidArgumentError: unsupported op"}},
+        "timings": {b: {name: t[b] for name, t in variants.items()} for b in ("1", "64")},
+        "verdict": {"BN folded (the export)": {"speedup": {"1": 5.0 / 4.9, "64": 1.25},
+                                               "cpu_speedup": {"1": 1.1, "64": 1.3}, "helps": True}},
     }  # fmt: skip
 
 
@@ -118,6 +156,7 @@ def full_results(tmp_path: Path) -> Path:
     write(tmp_path, "train_throughput.json", train_json(_xla()))
     write(tmp_path, "small_data.json", small_data_json())
     write(tmp_path, "serving_latency.json", serving_json())
+    write(tmp_path, "bn_folding.json", bn_folding_json())
     return tmp_path
 
 
@@ -130,7 +169,7 @@ def test_every_section_is_rendered_in_order(full_results: Path) -> None:
 
 def test_every_measured_section_names_its_run(full_results: Path) -> None:
     text = report.render(full_results, now=NOW)
-    for title in TITLES[:4]:
+    for title in TITLES[:5]:
         body = section(text, title)
         run = next(line for line in body.splitlines() if line.startswith("Run: `python -m benchmarks."))
         for part in ("data: ", "seeds: ", "machine: ", "load average"):
@@ -176,11 +215,98 @@ def test_small_data_table_and_verdicts(full_results: Path) -> None:
     assert "- recipe: batch 32 (auto)" in body
 
 
-def test_serving_section_keeps_its_ratio_and_targets(full_results: Path) -> None:
+def test_serving_section_names_the_model_and_the_bare_limits(full_results: Path) -> None:
     body = section(report.render(full_results, now=NOW), "## Serving latency")
-    assert "the gateway answers 20.0x the naive app's requests per second" in body
-    assert "| 16 clients: gateway rps >= 10x naive | met |" in body
-    assert "| 1 client: gateway p50 < 5 ms | MISSED |" in body
+    assert "bn_cnn width 64 (1,150,666 parameters, configs/default.yaml resolved for 50,000 images)" in body
+    assert "weights untrained" in body
+    assert "| batch 1 | 5.00 | 200 |" in body and "| batch 64 | 160.00 | 400 |" in body
+    assert "hey (/usr/bin/hey), closed loop" in body
+    assert "quick" not in body.lower()
+
+
+def test_serving_rows_show_fraction_of_bare_ratio_to_naive_and_errors(full_results: Path) -> None:
+    body = section(report.render(full_results, now=NOW), "## Serving latency")
+    # 300 images/s of the bare model's best batched 400; 300 req/s over the naive app's 15 at 16 clients.
+    assert "| gateway | 1 | 16 | 300.0 | 300 | 75% | 20.0x | 3.0 | 4.0 | 80.0 | 0 |" in body
+    # 64-image requests against the bare batch-64 figure: 5.5 x 64 = 352 of 400.
+    assert "| gateway | 64 | 2 | 5.5 | 352 | 88% | - |" in body
+    assert "| naive | 1 | 16 | 15.0 | 15 | 4% | - |" in body
+    assert "| gateway + TF Serving double | 1 | 16 | 100.0 | 100 | 25% | 6.7x |" in body
+    assert "| 2 (2x 503) |" in body
+
+
+def test_serving_targets_are_computed_from_the_figures(full_results: Path) -> None:
+    body = section(report.render(full_results, now=NOW), "## Serving latency")
+    assert "| 16 clients: gateway req/s >= 15x the naive app's | 20.0x | met |" in body
+    assert "| 16 clients: gateway p99 < 100 ms | 80.0 ms | met |" in body
+    assert "of the bare model's batched images/s | 75% (300 of 400) | met |" in body
+    # p50 3.0 ms against bare batch 1 (5.0 ms) + 3 ms.
+    assert "| 1 client: gateway p50 <= bare batch-1 latency + 3 ms | 3.00 ms vs 8.00 ms | met |" in body
+    assert "batch-64 images/s | 88% (352 of 400, 2 clients) | met |" in body
+    # The TF Serving run's two 503s count against the gateway.
+    assert "| no error at any gateway load level | 2 errors in 402 requests | MISSED |" in body
+    assert "| no answer later than the request deadline (10 s) | slowest 120 ms | met |" in body
+
+
+def test_serving_targets_missed_when_the_gateway_falls_short(tmp_path: Path) -> None:
+    from benchmarks import serving_latency as bench
+
+    data = serving_json()
+    slow = next(r for r in data["runs"] if (r["app"], r["clients"]) == (bench.GATEWAY, 16))
+    slow.update(rps=100.0, images_per_s=100.0, p99_ms=250.0)
+    data["runs"] = [r for r in data["runs"] if r["app"] != bench.TFSERVING]
+    bench.add_ratios(data)
+    data["targets"] = bench.check_targets(data)
+    write(tmp_path, "serving_latency.json", data)
+    body = section(report.render(tmp_path, now=NOW), "## Serving latency")
+    assert "| 16 clients: gateway req/s >= 15x the naive app's | 6.7x | MISSED |" in body
+    assert "| 16 clients: gateway p99 < 100 ms | 250.0 ms | MISSED |" in body
+    assert "batched images/s | 25% (100 of 400) | MISSED |" in body
+    assert "| no error at any gateway load level | 0 errors in 300 requests | met |" in body
+
+
+def test_serving_levels_not_run_are_missed_not_crashed(tmp_path: Path) -> None:
+    """A run with --skip naive: the ratio to the naive app cannot be computed, so that target is missed."""
+    from benchmarks import serving_latency as bench
+
+    data = serving_json()
+    data["runs"] = [r for r in data["runs"] if r["app"] != bench.NAIVE]
+    bench.add_ratios(data)
+    data["targets"] = bench.check_targets(data)
+    write(tmp_path, "serving_latency.json", data)
+    body = section(report.render(tmp_path, now=NOW), "## Serving latency")
+    assert "| 16 clients: gateway req/s >= 15x the naive app's | not measured | MISSED |" in body
+
+
+def test_quick_serving_run_is_flagged(tmp_path: Path) -> None:
+    data = serving_json()
+    data["settings"]["quick"] = True
+    write(tmp_path, "serving_latency.json", data)
+    assert "--quick smoke run" in section(report.render(tmp_path, now=NOW), "## Serving latency")
+
+
+def test_serving_results_of_the_old_benchmark_say_rerun(tmp_path: Path) -> None:
+    write(tmp_path, "serving_latency.json", {"settings": {}, "scenarios": [], "bare_model": {}})
+    body = section(report.render(tmp_path, now=NOW), "## Serving latency")
+    assert "older version of the benchmark" in body and "make bench-serve" in body
+
+
+def test_bn_folding_section_compares_with_the_unfolded_graph(full_results: Path) -> None:
+    body = section(report.render(full_results, now=NOW), "## Served graph")
+    assert "| variant | parity | batch 1 ms | batch 64 ms | speed-up vs unfolded | helps |" in body
+    assert "| unfolded | 0.0e+00 | 5.00 | 200.00 (CPU 390.0) | - | - |" in body
+    folded = "| 4.90 | 160.00 | 1.02x at batch 1 (CPU 1.10x), 1.25x at batch 64 (CPU 1.30x) | yes |"
+    assert folded in body
+    assert "| XLA (Keras model, jit_compile) | failed: InvalidArgumentError: unsupported op |" in body
+    assert "Batch-norm folding, which the export does: helps on this run" in body
+
+
+def test_bn_folding_that_does_not_help_is_said(tmp_path: Path) -> None:
+    data = bn_folding_json()
+    data["verdict"]["BN folded (the export)"]["helps"] = False
+    write(tmp_path, "bn_folding.json", data)
+    body = section(report.render(tmp_path, now=NOW), "## Served graph")
+    assert "does NOT help on this run" in body
 
 
 def test_missing_results_say_not_measured(tmp_path: Path) -> None:
@@ -205,3 +331,80 @@ def test_main_writes_the_document_from_the_given_folder(full_results: Path, tmp_
     out = tmp_path / "docs" / "benchmarks.md"
     assert report.main(["--results", str(full_results), "--out", str(out)]) == 0
     assert out.read_text().startswith("# Benchmarks\n")
+
+
+# -- the serving benchmark's own arithmetic on hey's output (benchmarks/serving_latency.py) ------------
+
+
+def _answers(rows: list[tuple[float, int, float]]):
+    from benchmarks.serving_latency import Answer
+
+    return [Answer(latency, status, offset) for latency, status, offset in rows]
+
+
+def test_summary_counts_only_the_measured_window_and_non_200_as_errors() -> None:
+    from benchmarks.serving_latency import summarize
+
+    rows = [(9.0, 200, 0.2)]  # warm-up: not counted, but its latency is the slowest answer
+    rows += [(0.010 * (i + 1), 200, 1.0 + i * 0.01) for i in range(100)]  # 10..1000 ms
+    rows += [(0.002, 503, 1.5), (0.003, 429, 1.6)]
+    rows += [(0.001, 200, 3.0)]  # sent after the window: not counted
+    s = summarize(_answers(rows), warmup_s=1.0, duration_s=2.0, images_per_request=4)
+    assert (s["requests"], s["ok"], s["errors"]) == (102, 100, 2)
+    assert s["status_codes"] == {"200": 100, "429": 1, "503": 1}
+    assert s["rps"] == 50.0 and s["images_per_s"] == 200.0
+    assert s["p50_ms"] == pytest.approx(500.0) and s["p99_ms"] == pytest.approx(990.0)
+    assert s["max_ms"] == pytest.approx(9000.0)
+
+
+def test_summary_of_a_level_without_answers_has_no_latencies() -> None:
+    from benchmarks.serving_latency import summarize
+
+    s = summarize(_answers([(0.5, 200, 0.1)]), warmup_s=1.0, duration_s=2.0, images_per_request=1)
+    assert (s["requests"], s["rps"], s["p50_ms"], s["p99_ms"]) == (0, 0.0, None, None)
+
+
+def test_parse_refuses_output_that_is_not_heys_csv() -> None:
+    from benchmarks.serving_latency import parse_hey_csv
+
+    with pytest.raises(ValueError, match="not hey's CSV"):
+        parse_hey_csv("Summary:\n  Total: 1.0 secs\n")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/bin/hey").exists(), reason="hey missing: `apt-get install -y hey`")
+def test_real_hey_output_is_read_with_status_codes_and_offsets(tmp_path: Path) -> None:
+    """hey against a real HTTP server answering 200 and 503 in turn: every answer is read back."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from benchmarks import serving_latency as bench
+
+    seen: list[bytes] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            seen.append(self.rfile.read(int(self.headers["Content-Length"])))
+            assert self.headers["Content-Type"] == bench.CONTENT_TYPE
+            self.send_response(503 if len(seen) % 2 == 0 else 200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        body = tmp_path / "body"
+        body.write_bytes(bench.multipart("images", bench.sample_pngs(2)))
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1/predict"
+        answers = bench.run_hey(url, body, clients=2, seconds=1.0, timeout_s=5)
+    finally:
+        server.shutdown()
+    assert len(answers) == len(seen) > 10
+    assert seen[0] == body.read_bytes()
+    assert {a.status for a in answers} == {200, 503}
+    assert all(0 <= a.offset_s < 1.5 and 0 < a.latency_s < 1 for a in answers)
+    s = bench.summarize(answers, warmup_s=0.0, duration_s=1.0, images_per_request=2)
+    assert s["errors"] == sum(a.status == 503 for a in answers if a.offset_s < 1.0) > 0

@@ -11,12 +11,21 @@ Signatures (tag `serve`, contract/signatures.py, see docs/architecture.md):
 With `tta="flip"` (trainer/export/tta.py, off by default) every signature's `probabilities` is the
 mean of the model's on the image and on its horizontal mirror (after the in-graph decode and resize
 for the bytes signatures); `classes` stays aligned with those columns.
+
+The signatures run a copy of the model with every batch norm folded into the convolution before it
+(fold_batch_norm): at inference a batch norm is a per-channel scale and shift, which the conv's kernel
+and bias can carry, so the served graph skips one elementwise pass over every conv block's output.
+benchmarks/bn_folding.py measures it against the unfolded export (docs/benchmarks.md); the copy is
+used only if it matches the model within FOLD_ATOL, and verify_export checks the written signatures
+against the original Keras model.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -37,23 +46,112 @@ from trainer.export.graph_image.decode import decode_and_resize_batch
 from trainer.export.tta import NONE, averaged_probabilities, check
 
 _VERIFICATION_BATCH = 4  # random pixel images the reloaded SavedModel must classify as Keras does
+# Largest probability difference allowed between the folded copy and the model before export falls
+# back to the unfolded model: float32 rounding moves probabilities by about 1e-7 (bn_cnn width 64,
+# benchmarks/bn_folding.py); ten times the export's own 1e-5 tolerance would hide a wrong fold.
+FOLD_ATOL = 1e-6
+
+log = logging.getLogger(__name__)
 
 
 def build_archive(
-    model: keras.Model, class_names: Sequence[str], tta: str = NONE
+    model: keras.Model, class_names: Sequence[str], tta: str = NONE, fold_bn: bool = True
 ) -> keras.export.ExportArchive:
-    """An ExportArchive tracking `model` with every serving signature registered, their
-    probabilities averaged over the views `tta` names (trainer/export/tta.py)."""
+    """An ExportArchive tracking `model` (its batch-norm-folded copy unless `fold_bn` is False) with
+    every serving signature registered, their probabilities averaged over the views `tta` names
+    (trainer/export/tta.py)."""
     check(tta)
     if not class_names:
         raise ValueError("class_names is empty: the exported model must label its outputs")
     names = tf.constant(list(class_names), dtype=tf.string)
+    # Every signature, Grad-CAM's included, runs the folded copy: one set of weights in the SavedModel,
+    # and explain's probabilities stay those of serving_default.
+    served = serving_model(model) if fold_bn else model
     archive = keras.export.ExportArchive()
-    archive.track(model)
-    _add_predict_endpoints(archive, model, names, tta)
+    archive.track(served)
+    _add_predict_endpoints(archive, served, names, tta)
     # Grad-CAM signatures (explain, explain_bytes) when the model has a conv block to explain from.
-    add_explain_endpoints(archive, model, names, tta)
+    add_explain_endpoints(archive, served, names, tta)
     return archive
+
+
+def fold_batch_norm(model: keras.Model) -> keras.Model:
+    """A copy of `model` with every batch norm that directly follows a convolution folded into that
+    convolution's kernel and bias; `model` itself if it has none (or is not a functional model).
+
+    For inference only: the moving statistics become constants of the conv (kernel x gamma /
+    sqrt(var + eps) per output channel, bias (bias - mean) x that + beta). Layer names are kept, so
+    Grad-CAM still finds "last_conv". A batch norm whose input is not a plain Conv2D used by nothing
+    else, or that normalizes another axis than the channels, is left in place.
+    """
+    if isinstance(model, keras.Sequential) or not hasattr(model, "_run_through_graph"):
+        return model  # clone_model can rewire only functional graphs
+    foldable: dict[str, keras.layers.BatchNormalization] = {}  # conv name -> the batch norm after it
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.BatchNormalization) or len(layer._inbound_nodes) != 1:
+            continue
+        parents = layer._inbound_nodes[0].parent_nodes
+        conv = parents[0].operation if len(parents) == 1 else None
+        if (
+            type(conv) is keras.layers.Conv2D  # a subclass may compute something else
+            and conv.data_format == "channels_last"
+            and layer.axis in (-1, 3)
+            and len(conv._inbound_nodes) == 1
+            and len(conv._outbound_nodes) == 1  # its raw output feeds only the batch norm
+        ):
+            foldable[conv.name] = layer
+    if not foldable:
+        return model
+    folded_names = {bn.name for bn in foldable.values()}
+
+    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+        config = layer.get_config()
+        if layer.name in foldable:
+            config["use_bias"] = True  # the batch norm's shift becomes the bias
+        return layer.__class__.from_config(config)
+
+    def call(layer: keras.layers.Layer, *args: Any, **kwargs: Any) -> Any:
+        # A folded batch norm leaves the graph: its input goes straight on, its conv does its work.
+        return args[0] if layer.name in folded_names else layer(*args, **kwargs)
+
+    folded = keras.models.clone_model(model, clone_function=clone, call_function=call)
+    for layer in model.layers:
+        if layer.name in folded_names:
+            continue
+        target = folded.get_layer(layer.name)
+        if layer.name not in foldable:
+            target.set_weights(layer.get_weights())
+            continue
+        bn = foldable[layer.name]
+        # float64 for the arithmetic, so the copy differs from the model only by its own rounding.
+        kernel = np.asarray(layer.kernel, dtype=np.float64)
+        bias = np.asarray(layer.bias, dtype=np.float64) if layer.use_bias else 0.0
+        mean = np.asarray(bn.moving_mean, dtype=np.float64)
+        variance = np.asarray(bn.moving_variance, dtype=np.float64)
+        gamma = np.asarray(bn.gamma, dtype=np.float64) if bn.scale else 1.0
+        beta = np.asarray(bn.beta, dtype=np.float64) if bn.center else 0.0
+        factor = gamma / np.sqrt(variance + bn.epsilon)  # per output channel (the kernel's last axis)
+        dtype = np.dtype(target.kernel.dtype)
+        target.set_weights([(kernel * factor).astype(dtype), ((bias - mean) * factor + beta).astype(dtype)])
+    return folded
+
+
+def serving_model(model: keras.Model) -> keras.Model:
+    """What the signatures run: the batch-norm-folded copy of `model` when it agrees with `model`
+    within FOLD_ATOL on random pixel images, else `model` itself (logged: the export stays correct)."""
+    folded = fold_batch_norm(model)
+    if folded is model:
+        return model
+    shape = (_VERIFICATION_BATCH, INPUT_SIZE, INPUT_SIZE, CHANNELS)
+    pixels = np.random.default_rng(1).integers(0, 256, size=shape).astype(np.float32)
+    expected = np.asarray(model(pixels, training=False), dtype=np.float32)
+    got = np.asarray(folded(pixels, training=False), dtype=np.float32)
+    difference = float(np.max(np.abs(got - expected)))
+    if difference > FOLD_ATOL:
+        log.warning("batch-norm folding changed probabilities by %.1e (> %.0e): exporting unfolded",
+                    difference, FOLD_ATOL)  # fmt: skip
+        return model
+    return folded
 
 
 def _add_predict_endpoints(
@@ -92,11 +190,16 @@ def _add_predict_endpoints(
 
 
 def export_savedmodel(
-    model: keras.Model, class_names: Sequence[str], export_dir: str | Path, tta: str = NONE
+    model: keras.Model,
+    class_names: Sequence[str],
+    export_dir: str | Path,
+    tta: str = NONE,
+    fold_bn: bool = True,
 ) -> Path:
     """Write the SavedModel (graph, variables, signatures) into `export_dir`, which must not exist.
     `tta="flip"` averages every signature's probabilities with the mirrored image's (twice the
-    compute per image; trainer/export/tta.py).
+    compute per image; trainer/export/tta.py). `fold_bn=False` serves the model as it is, without
+    folding its batch norms (what benchmarks/bn_folding.py compares against).
 
     Writes no assets.extra; publish.py adds warmup requests and the model card and makes the
     version visible atomically.
@@ -110,7 +213,7 @@ def export_savedmodel(
             f"model has {num_outputs} outputs but {len(class_names)} class names were given; "
             "export the run directory whose dataset.json matches its model.keras"
         )
-    build_archive(model, class_names, tta).write_out(str(export_dir), verbose=False)
+    build_archive(model, class_names, tta, fold_bn).write_out(str(export_dir), verbose=False)
     return export_dir
 
 
