@@ -43,6 +43,7 @@ from serving import metrics
 from serving.backends.base import BackendTimeout, BackendUnavailable
 
 log = logging.getLogger(__name__)
+Outputs = np.ndarray | dict[str, np.ndarray]  # one array, or a signature's named outputs
 Tag = TypeVar("Tag")  # the model a batch ran on (the embedded backend: a loaded version)
 
 
@@ -97,7 +98,9 @@ class _Task:
 
 class Batcher(Generic[Tag]):
     """Runs batches built from submitted requests: `snapshot()` once per batch picks the model
-    (the embedded backend: the served version), `call(model, rows) -> outputs [N, ...]` runs it.
+    (the embedded backend: the served version), `call(model, rows) -> outputs` runs it, where
+    outputs is an array [N, ...] or a dict of them (a signature's several outputs), row i of each
+    belonging to input row i.
 
     `submit(rows, timeout_s)` blocks until the request's own rows of the output come back, with
     the model that computed them: a version swap between batches is reported truthfully per
@@ -107,7 +110,7 @@ class Batcher(Generic[Tag]):
     def __init__(
         self,
         snapshot: Callable[[], Tag],
-        call: Callable[[Tag, np.ndarray], np.ndarray],
+        call: Callable[[Tag, np.ndarray], Outputs],
         parameters: BatchingParameters | None = None,
         *,
         name: str = "batch",
@@ -131,7 +134,7 @@ class Batcher(Generic[Tag]):
 
     # ---- the request side -------------------------------------------------------------------
 
-    def submit(self, rows: np.ndarray, timeout_s: float) -> tuple[np.ndarray, Tag]:
+    def submit(self, rows: np.ndarray, timeout_s: float) -> tuple[Outputs, Tag]:
         """This request's output rows and the call's tag; BackendTimeout at the deadline,
         BackendUnavailable when the queue is full or the batcher is closing."""
         task = _Task(rows, time.monotonic() + timeout_s)
@@ -213,21 +216,21 @@ class Batcher(Generic[Tag]):
         start = 0
         for task in tasks:
             end = start + len(task.rows)
-            task.future.set_result((outputs[start:end], tag))
+            task.future.set_result((_rows(outputs, start, end), tag))
             start = end
 
-    def _call_padded(self, tag: Tag, rows: np.ndarray) -> np.ndarray:
+    def _call_padded(self, tag: Tag, rows: np.ndarray) -> Outputs:
         p = self.parameters
         count = len(rows)
         if count > p.max_batch_size:  # one large request: max_batch_size chunks, one model
             step = p.max_batch_size
-            return np.concatenate([self._call_padded(tag, rows[i : i + step]) for i in range(0, count, step)])
+            return _concatenate([self._call_padded(tag, rows[i : i + step]) for i in range(0, count, step)])
         size = p.padded_size(count)
         metrics.BATCH_SIZE.observe(count)
         if size > count:
             padding = np.zeros((size - count, *rows.shape[1:]), dtype=rows.dtype)
             rows = np.concatenate([rows, padding])
-        return self._call(tag, rows)[:count]
+        return _rows(self._call(tag, rows), 0, count)
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop taking requests, answer those queued, and stop the batch threads."""
@@ -237,3 +240,15 @@ class Batcher(Generic[Tag]):
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout_s)
+
+
+def _rows(outputs: Outputs, start: int, end: int) -> Outputs:
+    if isinstance(outputs, dict):
+        return {key: value[start:end] for key, value in outputs.items()}
+    return outputs[start:end]
+
+
+def _concatenate(parts: list[Outputs]) -> Outputs:
+    if isinstance(parts[0], dict):
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    return np.concatenate(parts)

@@ -218,3 +218,19 @@ def test_a_batch_timeout_waits_for_more_requests_when_the_model_is_idle() -> Non
 def test_inconsistent_parameters_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         BatchingParameters(**kwargs)
+
+
+def test_a_signature_with_several_outputs_is_split_per_request() -> None:
+    def two_outputs(version: int, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {"probabilities": rows[:, :1] * 10, "score": rows[:, 0] + 0.5}
+
+    batcher = Batcher(lambda: 1, two_outputs, BatchingParameters(max_batch_size=3))
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(batcher.submit, ids(1 + 2 * i, 2), 10) for i in range(4)]
+            answers = [f.result()[0] for f in futures]
+    finally:
+        batcher.close()
+    for i, answer in enumerate(answers):
+        assert answer["probabilities"].ravel().tolist() == [10 * (1 + 2 * i), 10 * (2 + 2 * i)]
+        assert answer["score"].tolist() == [1.5 + 2 * i, 2.5 + 2 * i]
