@@ -6,7 +6,9 @@
 
 The gateway it starts wants an API key (a fresh one, minted into the results directory) and applies
 a rate limit far above the load (--rate-limit), so the load goes through both as production's does;
-a gateway given by --url gets the key of --api-key or $CIFAR10_API_KEY, if any.
+a gateway given by --url gets the key of --api-key or $CIFAR10_API_KEY, if any. It also samples
+predictions (--sample-rate, every request by default: the gates must hold with the sample's writes
+in the worker processes) into RESULTS_DIR/samples, which `python -m serving.sampling` reads.
 Without --url and without a published model under --model-base, it trains a small model on the
 synthetic dataset and exports it into the results directory first (about a minute), so the command
 works on a fresh checkout. Exits 0 when every gate in loadtest/gates.py passes, 1 with the reasons
@@ -37,6 +39,8 @@ GATEWAY_MAX_IMAGES = 32
 # Far above what the load reaches (about 100 requests/s on 2 cores): the limiter is on the path of
 # every request, as in production, without refusing the run's own traffic.
 GATEWAY_RATE_LIMIT = "2000/second"
+# Prediction sampling in the started gateway: every request, the most the sampler can be asked to write.
+GATEWAY_SAMPLE_RATE = 1.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="API key to send to the --url gateway (default $CIFAR10_API_KEY; none if unset)")
     p.add_argument("--rate-limit", default=GATEWAY_RATE_LIMIT,
                    help=f"GATEWAY_RATE_LIMIT of the started gateway (default {GATEWAY_RATE_LIMIT})")
+    p.add_argument("--sample-rate", type=float, default=GATEWAY_SAMPLE_RATE,
+                   help=f"GATEWAY_SAMPLE_RATE of the started gateway (default {GATEWAY_SAMPLE_RATE:g}; "
+                   "0 turns prediction sampling off); the sample goes to RESULTS_DIR/samples")
     return p.parse_args(argv)
 
 
@@ -115,6 +122,16 @@ def report(verdict: Verdict, gate_ms: float, prefix: Path) -> None:
         print("PASS: all load gates met")
 
 
+def report_sample(sample_dir: Path) -> None:
+    from serving.sampling import SampleError, SampleStore
+
+    try:
+        with SampleStore(sample_dir, create=False) as store:
+            print(f"==> prediction sample: {store.count()} image(s) in {store.path}", flush=True)
+    except SampleError as error:
+        print(f"==> prediction sample: none ({error})", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = args.results_dir.resolve()
@@ -137,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                 "GATEWAY_MAX_IMAGES": str(max_images),
                 "GATEWAY_API_KEYS_FILE": str(keys_file),
                 "GATEWAY_RATE_LIMIT": args.rate_limit,
+                "GATEWAY_SAMPLE_RATE": str(args.sample_rate),
+                "GATEWAY_SAMPLE_DIR": str(results / "samples"),
             }
             print(f"==> starting the gateway (embedded model from {model_base})", flush=True)
             gateway = stack.enter_context(running_gateway(env, workers=args.workers, log_dir=results))
@@ -146,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         if rc != 0:
             print(f"FAIL: locust exited with {rc}", file=sys.stderr)
             return 1
+    if args.url is None and args.sample_rate > 0:
+        report_sample(results / "samples")
     verdict = evaluate(Path(f"{prefix}_stats.csv"), args.p99_gate_ms)
     report(verdict, args.p99_gate_ms, prefix)
     return 0 if verdict.passed else 1

@@ -1,8 +1,9 @@
 """The load harness: its gates judge Locust's CSV correctly, and a short real run passes them.
 
 The short run is `make loadtest` in miniature (4 users, 8 s, against a gunicorn gateway run.py starts
-on the session's model, with an API key and a rate limit as in production): the same locustfile,
-the same request mix (explanations and the 401 kinds included), the same gates.
+on the session's model, with an API key and a rate limit as in production, and prediction sampling
+on for every request): the same locustfile, the same request mix (explanations and the 401 kinds
+included), the same gates.
 """
 
 from __future__ import annotations
@@ -122,6 +123,18 @@ def test_short_load_run_passes_the_gates(
     assert explained >= 3, rows.keys()
     assert {"bad missing api key", "bad wrong api key"} & set(rows), set(rows)
     assert {p.name.split("_", 1)[1] for p in tmp_path.glob("load-*.csv")} >= {"stats.csv", "failures.csv"}
+    # The gates held with every predict request sampled, and the sample kept each of them (none
+    # dropped by a full queue or a failed write): at least one image per good predict request.
+    from serving.sampling import SampleStore
+
+    predicts = sum(int(r["Request Count"]) for n, r in rows.items()
+                   if n.startswith("good") and not n.startswith("good explain"))  # fmt: skip
+    assert "==> prediction sample:" in out.out
+    with SampleStore(tmp_path / "samples", create=False) as store:
+        assert store.count() >= predicts > 0
+        records = list(store.records())
+    assert len({r.request_id for r in records}) >= predicts  # a record per request, by its own id
+    assert {r.model_version for r in records} == {exported_model.version}
 
 
 @pytest.mark.load
