@@ -34,6 +34,11 @@ CLASSES_KEY = "classes"
 HEATMAP_KEY = "heatmap"
 EXPLAINED_CLASS_KEY = "explained_class"
 EXPLAIN_OUTPUT_KEYS = (PROBABILITIES_KEY, CLASSES_KEY, HEATMAP_KEY, EXPLAINED_CLASS_KEY)
+# Out-of-distribution outputs of every signature (trainer/export/ood.py): `ood_score` float32 [N], higher =
+# less like the training data; `abstain` bool [N] = ood_score > a threshold fixed in the graph at export.
+# Versions exported before them lack both: readers must treat them as optional.
+OOD_SCORE_KEY = "ood_score"
+ABSTAIN_KEY = "abstain"
 
 DEFAULT_TOP_K = 5  # classes returned per image when the caller does not say
 
@@ -42,3 +47,6 @@ SAVED_MODEL_FILE = "saved_model.pb"
 ASSETS_EXTRA = PurePosixPath("assets.extra")
 MODEL_CARD_PATH = ASSETS_EXTRA / "model_card.json"
 WARMUP_PATH = ASSETS_EXTRA / "tf_serving_warmup_requests"  # the name TF Serving looks for
+# Statistics of the export's held-out data (class share, confidence and ood_score histograms, abstain
+# rate, pixel mean/std) that drift checks compare served traffic with (trainer/export/trust.py).
+REFERENCE_STATS_PATH = ASSETS_EXTRA / "reference_stats.json"

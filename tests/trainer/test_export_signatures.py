@@ -46,15 +46,23 @@ def test_signature_defs_have_the_contracted_keys_dtypes_and_shapes(session, expo
         assert list(sigs[name].inputs) == (["images"] if name == "serving_default" else ["image_bytes"])
         assert sigs[name].method_name == "tensorflow/serving/predict"
         outputs = sigs[name].outputs
-        assert set(outputs) == {"probabilities", "classes"}
+        assert set(outputs) == {"probabilities", "classes", "ood_score", "abstain"}
         assert outputs["probabilities"].dtype == 1 and outputs["classes"].dtype == 7
         for key in ("probabilities", "classes"):
             assert [d.size for d in outputs[key].tensor_shape.dim] == [-1, num_classes]
+        assert outputs["ood_score"].dtype == 1 and outputs["abstain"].dtype == 10  # DT_FLOAT, DT_BOOL
+        for key in ("ood_score", "abstain"):
+            assert [d.size for d in outputs[key].tensor_shape.dim] == [-1]
 
 
 def test_serving_default_matches_keras_model_to_1e_5(session, keras_model, exported_model, reference_pixels):
+    from trainer.export.calibration import apply_temperature, as_logits
+    from trainer.export.model_card import read_model_card
+
     out = session.run("serving_default", {"images": reference_pixels})
-    expected = keras_model.predict(reference_pixels, verbose=0)
+    # Served probabilities are the model's, calibrated by the temperature the export fitted.
+    temperature = read_model_card(exported_model.path)["calibration"]["temperature"]
+    expected = apply_temperature(as_logits(keras_model.predict(reference_pixels, verbose=0)), temperature)
     assert out["probabilities"].dtype == np.float32
     assert out["probabilities"].shape == expected.shape
     np.testing.assert_allclose(out["probabilities"], expected, atol=1e-5, rtol=0)

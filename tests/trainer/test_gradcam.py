@@ -48,7 +48,9 @@ def test_explain_signature_defs_have_the_documented_keys_dtypes_and_shapes(sessi
         assert sigs[name].method_name == "tensorflow/serving/predict"
         assert sigs[name].inputs["class_index"].dtype == 3  # DT_INT32
         outputs = sigs[name].outputs
-        assert set(outputs) == {"probabilities", "classes", "heatmap", "explained_class"}
+        # ood_score and abstain as serving_default's (trainer/export/trust.py).
+        keys = {"probabilities", "classes", "heatmap", "explained_class", "ood_score", "abstain"}
+        assert set(outputs) == keys
         assert outputs["heatmap"].dtype == 1  # DT_FLOAT
         assert [d.size for d in outputs["heatmap"].tensor_shape.dim] == [-1, 32, 32]
         assert [d.size for d in outputs["probabilities"].tensor_shape.dim] == [-1, num_classes]

@@ -38,11 +38,9 @@ from contract.signatures import (
     TOP_CLASS,
 )
 from trainer.export.graph_image.decode import decode_and_resize_batch
+from trainer.export.trust import TrustHead, score_tensor
 from trainer.export.tta import NONE, averaged_probabilities
 from trainer.models import LAST_CONV_LAYER
-
-SOFTMAX_LAYER = "probabilities"  # the head's softmax Activation in trainer/models/common.py
-
 
 _CONV_LAYERS = (keras.layers.Conv2D, keras.layers.SeparableConv2D, keras.layers.DepthwiseConv2D)
 
@@ -67,33 +65,24 @@ def find_last_conv_layer(model: keras.Model) -> keras.layers.Layer | None:
     return None
 
 
-def _score_tensor(model: keras.Model) -> tuple[keras.KerasTensor, bool]:
-    """(tensor, is_logits): the softmax's input when the head has the named softmax layer, otherwise
-    the probabilities (then log-probabilities are used as the score)."""
-    try:
-        softmax = model.get_layer(SOFTMAX_LAYER)
-    except ValueError:
-        return model.outputs[0], False
-    if isinstance(softmax, keras.layers.Activation) and softmax.output is model.outputs[0]:
-        return softmax.input, True
-    return model.outputs[0], False
-
-
 class GradCAM:
     """Callable: (images float32 [N,32,32,3] 0..255, class_index int32 [N]) -> explain outputs;
-    `tta` (trainer/export/tta.py) averages the probabilities as serving_default does."""
+    `tta` (trainer/export/tta.py) averages the probabilities as serving_default does. With `trust`
+    (trainer/export/trust.py's TrustHead, what serving_default calls) the probabilities are its
+    calibrated ones and the outputs add its ood_score and abstain, exactly as serving_default's."""
 
-    def __init__(self, model: keras.Model, tta: str = NONE) -> None:
+    def __init__(self, model: keras.Model, tta: str = NONE, trust: TrustHead | None = None) -> None:
         conv = find_last_conv_layer(model)
         if conv is None:
             raise ValueError(
                 f"model {model.name!r} has no layer with a spatial (4-D) output; Grad-CAM needs a "
                 f"convolutional block, ideally named {LAST_CONV_LAYER!r}"
             )
-        score, self._is_logits = _score_tensor(model)
+        score, self._is_logits = score_tensor(model)
         self.conv_layer_name = conv.name
         self._base = model
         self._tta = tta
+        self._trust = trust
         # One functional model sharing the trained layers (and their variables) that exposes the
         # conv activations alongside the scores, so one forward pass gives both.
         self._model = keras.Model(model.inputs, [conv.output, score, model.outputs[0]])
@@ -106,8 +95,13 @@ class GradCAM:
             activations, score, probabilities = self._model(images, training=False)
             score = tf.cast(score, tf.float32)  # mixed precision: scores and weights in float32
             probabilities = tf.cast(probabilities, tf.float32)
+            extra: dict[str, tf.Tensor] = {}
             with tape.stop_recording():  # the mirrored view only scores; its pass needs no gradient
-                probabilities = averaged_probabilities(probabilities, self._predict, images, self._tta)
+                if self._trust is None:
+                    probabilities = averaged_probabilities(probabilities, self._predict, images, self._tta)
+                else:  # serving_default's own outputs (the head applies --tta): one more forward pass
+                    extra = self._trust(images)
+                    probabilities = extra.pop(PROBABILITIES_KEY)
             class_index = _checked_class_index(class_index, tf.shape(images)[0], tf.shape(probabilities)[1])
             top = tf.argmax(probabilities, axis=1, output_type=tf.int32)
             explained = tf.where(class_index == TOP_CLASS, top, class_index)
@@ -120,7 +114,8 @@ class GradCAM:
         grads = tf.cast(tape.gradient(total, activations), tf.float32)
         activations = tf.cast(activations, tf.float32)
         heatmap = _cam(activations, grads)
-        return {EXPLAINED_CLASS_KEY: explained, HEATMAP_KEY: heatmap, PROBABILITIES_KEY: probabilities}
+        out = {EXPLAINED_CLASS_KEY: explained, HEATMAP_KEY: heatmap, PROBABILITIES_KEY: probabilities}
+        return {**out, **extra}
 
     def _predict(self, images: tf.Tensor) -> tf.Tensor:
         # The same call serving_default makes, so both signatures' averaged probabilities agree.
@@ -164,7 +159,11 @@ def _cam(activations: tf.Tensor, grads: tf.Tensor) -> tf.Tensor:
 
 
 def add_explain_endpoints(
-    archive: keras.export.ExportArchive, model: keras.Model, class_names: tf.Tensor, tta: str = NONE
+    archive: keras.export.ExportArchive,
+    model: keras.Model,
+    class_names: tf.Tensor,
+    tta: str = NONE,
+    trust: TrustHead | None = None,
 ) -> bool:
     """Register `explain` and `explain_bytes` on `archive` (which already tracks `model`).
 
@@ -173,7 +172,7 @@ def add_explain_endpoints(
     """
     if find_last_conv_layer(model) is None:
         return False
-    cam = GradCAM(model, tta)
+    cam = GradCAM(model, tta, trust)
 
     def outputs(images: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
         out = cam(images, class_index)

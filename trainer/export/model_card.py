@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.signatures import (
+    ABSTAIN_KEY,
     CHANNELS,
     CLASSES_KEY,
     IMAGE_BYTES_KEY,
@@ -18,6 +19,7 @@ from contract.signatures import (
     INPUT_SIZE,
     MAX_SIDE,
     MODEL_CARD_PATH,
+    OOD_SCORE_KEY,
     PROBABILITIES_KEY,
     SERVING_BYTES,
     SERVING_DEFAULT,
@@ -59,15 +61,26 @@ INPUT_CONTRACT: dict[str, Any] = {
             "shape": [-1, "num_classes"],
             "meaning": "class names aligned with probabilities",
         },
+        OOD_SCORE_KEY: {
+            "dtype": "float32",
+            "shape": [-1],
+            "meaning": "out-of-distribution score, higher = less like the training data (ood.score says "
+            "which); absent in versions exported before it",
+        },
+        ABSTAIN_KEY: {
+            "dtype": "bool",
+            "shape": [-1],
+            "meaning": "ood_score above ood.threshold: the answer is 'not sure' (the class is still given)",
+        },
     },
 }
 
 
 # What `probabilities` means per --tta (trainer/export/tta.py).
 _PROBABILITIES_MEANING = {
-    NONE: "softmax",
-    FLIP: "mean of the softmax on the image and on its horizontal mirror (test-time flip augmentation: "
-    "twice the model's compute per image)",
+    NONE: "softmax of logits / calibration.temperature",
+    FLIP: "mean of the softmax of logits / calibration.temperature on the image and on its horizontal "
+    "mirror (test-time flip augmentation: twice the model's compute per image)",
 }
 
 

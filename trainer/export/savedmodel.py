@@ -5,7 +5,9 @@ Signatures (tag `serve`, contract/signatures.py, see docs/architecture.md):
   * `serving_bytes`: `image_bytes` string [N], encoded JPEG/PNG/GIF/BMP of any size, decoded, turned
     upright by a JPEG's EXIF Orientation and resized in the graph exactly as the gateway does it
     (trainer/export/graph_image/);
-  * outputs of both: `probabilities` float32 [N, C] and `classes` string [N, C];
+  * outputs of both: `probabilities` float32 [N, C] (softmax(logits / T), T the temperature fitted at
+    export), `classes` string [N, C], `ood_score` float32 [N] and `abstain` bool [N] (ood_score above
+    the threshold chosen at export; trainer/export/trust.py, which every signature's outputs come from);
   * `explain` / `explain_bytes` (Grad-CAM, trainer/export/gradcam.py) when the model has a conv block.
 
 With `tta="flip"` (trainer/export/tta.py, off by default) every signature's `probabilities` is the
@@ -32,18 +34,21 @@ import numpy as np
 import tensorflow as tf
 
 from contract.signatures import (
+    ABSTAIN_KEY,
     CHANNELS,
     CLASSES_KEY,
     IMAGE_BYTES_KEY,
     IMAGES_KEY,
     INPUT_SIZE,
+    OOD_SCORE_KEY,
     PROBABILITIES_KEY,
     SERVING_BYTES,
     SERVING_DEFAULT,
 )
 from trainer.export.gradcam import add_explain_endpoints, verify_explain
 from trainer.export.graph_image.decode import decode_and_resize_batch
-from trainer.export.tta import NONE, averaged_probabilities, check
+from trainer.export.trust import TrustHead, TrustParams, expected_outputs
+from trainer.export.tta import NONE, check
 
 _VERIFICATION_BATCH = 4  # random pixel images the reloaded SavedModel must classify as Keras does
 # Largest probability difference allowed between the folded copy and the model before export falls
@@ -55,11 +60,16 @@ log = logging.getLogger(__name__)
 
 
 def build_archive(
-    model: keras.Model, class_names: Sequence[str], tta: str = NONE, fold_bn: bool = True
+    model: keras.Model,
+    class_names: Sequence[str],
+    tta: str = NONE,
+    fold_bn: bool = True,
+    trust: TrustParams | None = None,
 ) -> keras.export.ExportArchive:
     """An ExportArchive tracking `model` (its batch-norm-folded copy unless `fold_bn` is False) with
     every serving signature registered, their probabilities averaged over the views `tta` names
-    (trainer/export/tta.py)."""
+    (trainer/export/tta.py) and calibrated by `trust`'s temperature, with its ood_score and abstain
+    (trainer/export/trust.py; None: temperature 1, never abstaining)."""
     check(tta)
     if not class_names:
         raise ValueError("class_names is empty: the exported model must label its outputs")
@@ -69,9 +79,10 @@ def build_archive(
     served = serving_model(model) if fold_bn else model
     archive = keras.export.ExportArchive()
     archive.track(served)
-    _add_predict_endpoints(archive, served, names, tta)
+    head = TrustHead(served, trust or TrustParams(), tta)
+    _add_predict_endpoints(archive, head, names)
     # Grad-CAM signatures (explain, explain_bytes) when the model has a conv block to explain from.
-    add_explain_endpoints(archive, served, names, tta)
+    add_explain_endpoints(archive, served, names, tta, head)
     return archive
 
 
@@ -155,19 +166,16 @@ def serving_model(model: keras.Model) -> keras.Model:
 
 
 def _add_predict_endpoints(
-    archive: keras.export.ExportArchive, model: keras.Model, class_names: tf.Tensor, tta: str
+    archive: keras.export.ExportArchive, head: TrustHead, class_names: tf.Tensor
 ) -> None:
     """Register `serving_default` (pixels) and `serving_bytes` (encoded images) on `archive`."""
 
-    def predict(images: tf.Tensor) -> tf.Tensor:
-        return tf.cast(model(images, training=False), tf.float32)
-
     def outputs(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        probabilities = averaged_probabilities(predict(images), predict, images, tta)
+        out = head(images)  # calibrated probabilities, ood_score, abstain (averaged as --tta asks)
         # Class names repeated per row: TensorFlow's classification convention, so any client can
         # label the scores without a side file.
-        classes = tf.tile(class_names[tf.newaxis, :], [tf.shape(images)[0], 1])
-        return {PROBABILITIES_KEY: probabilities, CLASSES_KEY: classes}
+        out[CLASSES_KEY] = tf.tile(class_names[tf.newaxis, :], [tf.shape(images)[0], 1])
+        return out
 
     def serving_default(images: tf.Tensor) -> dict[str, tf.Tensor]:
         return outputs(images)
@@ -195,11 +203,13 @@ def export_savedmodel(
     export_dir: str | Path,
     tta: str = NONE,
     fold_bn: bool = True,
+    trust: TrustParams | None = None,
 ) -> Path:
     """Write the SavedModel (graph, variables, signatures) into `export_dir`, which must not exist.
     `tta="flip"` averages every signature's probabilities with the mirrored image's (twice the
     compute per image; trainer/export/tta.py). `fold_bn=False` serves the model as it is, without
-    folding its batch norms (what benchmarks/bn_folding.py compares against).
+    folding its batch norms (what benchmarks/bn_folding.py compares against). `trust`: the temperature,
+    OOD score and threshold trainer/export/trust.py fitted (None: uncalibrated, never abstaining).
 
     Writes no assets.extra; publish.py adds warmup requests and the model card and makes the
     version visible atomically.
@@ -213,7 +223,7 @@ def export_savedmodel(
             f"model has {num_outputs} outputs but {len(class_names)} class names were given; "
             "export the run directory whose dataset.json matches its model.keras"
         )
-    build_archive(model, class_names, tta, fold_bn).write_out(str(export_dir), verbose=False)
+    build_archive(model, class_names, tta, fold_bn, trust).write_out(str(export_dir), verbose=False)
     return export_dir
 
 
@@ -227,9 +237,10 @@ def verify_export(
     export_dir: str | Path,
     atol: float = 1e-5,
     tta: str = NONE,
+    trust: TrustParams | None = None,
 ) -> None:
     """Reload `export_dir` and check its signatures reproduce `model` on a few pixel batches
-    (averaged over the views `tta` names, as export_savedmodel was asked to).
+    (averaged over the views `tta` names and calibrated by `trust`, as export_savedmodel was asked to).
 
     Cheap insurance run before publishing: a graph that traced the wrong model state or lost the
     normalization constants is caught here instead of by the server's users.
@@ -241,27 +252,37 @@ def verify_export(
     shape = (_VERIFICATION_BATCH, INPUT_SIZE, INPUT_SIZE, CHANNELS)
     pixels = np.random.default_rng(0).integers(0, 256, size=shape).astype(np.float32)
 
-    def predict(images: np.ndarray) -> np.ndarray:
-        return np.asarray(model(np.ascontiguousarray(images), training=False), dtype=np.float32)
-
-    expected = averaged_probabilities(predict(pixels), predict, pixels, tta)
+    expected = expected_outputs(model, pixels, trust or TrustParams(), tta)
     _verify_serving_default(loaded, pixels, expected, class_names, atol)
-    problem = verify_explain(loaded, tf.constant(pixels), expected, atol)
+    problem = verify_explain(loaded, tf.constant(pixels), expected[PROBABILITIES_KEY], atol)
     if problem:
         raise ExportVerificationError(f"{problem}; not publishing")
 
 
 def _verify_serving_default(
-    loaded: object, pixels: np.ndarray, expected: np.ndarray, class_names: Sequence[str], atol: float
+    loaded: object,
+    pixels: np.ndarray,
+    expected: dict[str, np.ndarray],
+    class_names: Sequence[str],
+    atol: float,
 ) -> None:
-    """Raise ExportVerificationError unless `serving_default` gives the Keras model's probabilities
-    (within `atol`) labelled with `class_names`."""
+    """Raise ExportVerificationError unless `serving_default` gives the Keras model's calibrated
+    probabilities and ood_score (within `atol`, relative for the score) labelled with `class_names`."""
     out = loaded.signatures[SERVING_DEFAULT](**{IMAGES_KEY: tf.constant(pixels)})  # type: ignore[attr-defined]
-    difference = float(np.max(np.abs(out[PROBABILITIES_KEY].numpy() - expected)))
+    missing = {OOD_SCORE_KEY, ABSTAIN_KEY} - set(out)
+    if missing:
+        raise ExportVerificationError(f"{SERVING_DEFAULT} lacks outputs {sorted(missing)}; not publishing")
+    difference = float(np.max(np.abs(out[PROBABILITIES_KEY].numpy() - expected[PROBABILITIES_KEY])))
     if difference > atol:
         raise ExportVerificationError(
             f"exported probabilities differ from the Keras model by {difference:.2e} (> {atol:.0e}); "
             "not publishing"
+        )
+    # An energy score is a logit-sized number: compare it relative to its size.
+    scores, wanted = out[OOD_SCORE_KEY].numpy(), expected[OOD_SCORE_KEY]
+    if not np.allclose(scores, wanted, atol=atol, rtol=1e-4):
+        raise ExportVerificationError(
+            f"exported ood_score {scores} differs from the Keras model's {wanted}; not publishing"
         )
     labels = [c.decode() for c in out[CLASSES_KEY].numpy()[0]]
     if labels != list(class_names):
