@@ -66,12 +66,19 @@ def _client(args: argparse.Namespace):
     )
 
 
+NOT_SURE = "not sure"  # the model abstained: the labels after it are only its best guesses
+
+
 def format_predictions(result: PredictResult) -> str:
     width = max([len("IMAGE")] + [len(image.filename) for image in result.images])
-    lines = [f"model {result.model_name} version {result.model_version}", f"{'IMAGE':<{width}}  PREDICTIONS"]
+    # The SURE column appears only when the model can abstain (exported with the ood outputs).
+    trust = any(image.abstain is not None for image in result.images)
+    header = f"{'IMAGE':<{width}}  " + (f"{'SURE':<{len(NOT_SURE)}}  " if trust else "") + "PREDICTIONS"
+    lines = [f"model {result.model_name} version {result.model_version}", header]
     for image in result.images:
         ranked = "  ".join(f"{label} {p:6.1%}" for label, p in image.top_k)
-        lines.append(f"{image.filename:<{width}}  {ranked}")
+        sure = f"{NOT_SURE if image.not_sure else 'yes':<{len(NOT_SURE)}}  " if trust else ""
+        lines.append(f"{image.filename:<{width}}  {sure}{ranked}")
     return "\n".join(lines)
 
 

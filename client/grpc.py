@@ -5,7 +5,9 @@ Two ways to predict, one per exported signature (docs/architecture.md):
     and sent as float32 [N, 32, 32, 3];
   * bytes (`serving_bytes`): the encoded files are sent as a string tensor and decoded in the graph.
 Input and output keys are read from GetModelMetadata's SignatureDefs, not assumed: the one input
-of the signature, the float output as probabilities and the string output as class labels.
+of the signature, the float output as probabilities and the string output as class labels; models
+exported with the out-of-distribution outputs (issue 17) also answer `ood_score` and `abstain`, which
+results carry (None from older models).
 
 Retries on UNAVAILABLE are gRPC's own (a service-config retryPolicy, contract/channel.py), so they
 happen inside the call's deadline and back off with jitter, without any hand-written loop; gRPC's
@@ -42,7 +44,7 @@ from contract.channel import (
     open_channel,
     retry_service_config,
 )
-from contract.signatures import DEFAULT_TOP_K
+from contract.signatures import ABSTAIN_KEY, DEFAULT_TOP_K, OOD_SCORE_KEY
 from contract.signatures import SERVING_BYTES as BYTES_SIGNATURE
 from contract.signatures import SERVING_DEFAULT as PIXELS_SIGNATURE
 from contract.tensors import to_ndarray, to_tensor_proto
@@ -62,6 +64,8 @@ class _SignatureKeys:
     input_dtype: int
     probabilities_key: str
     classes_key: str
+    # Optional outputs by their contract names (contract/signatures.py), present in newer exports.
+    ood_keys: tuple[str, ...] = ()
 
 
 def _signature_keys(name: str, signature: meta_graph_pb2.SignatureDef) -> _SignatureKeys:
@@ -71,15 +75,17 @@ def _signature_keys(name: str, signature: meta_graph_pb2.SignatureDef) -> _Signa
             f"signature {name!r} takes inputs {sorted(signature.inputs)}; expected one",
         )
     ((input_key, input_info),) = signature.inputs.items()
-    floats = [k for k, v in signature.outputs.items() if v.dtype == types_pb2.DT_FLOAT]
-    strings = [k for k, v in signature.outputs.items() if v.dtype == types_pb2.DT_STRING]
+    ood_keys = tuple(k for k in (OOD_SCORE_KEY, ABSTAIN_KEY) if k in signature.outputs)
+    outputs = {k: v for k, v in signature.outputs.items() if k not in ood_keys}
+    floats = [k for k, v in outputs.items() if v.dtype == types_pb2.DT_FLOAT]
+    strings = [k for k, v in outputs.items() if v.dtype == types_pb2.DT_STRING]
     if len(floats) != 1 or len(strings) != 1:
         raise ClientError(
             "unexpected_signature",
             f"signature {name!r} has outputs {sorted(signature.outputs)}; expected one float32 "
             "(probabilities) and one string (class labels) output",
         )
-    return _SignatureKeys(input_key, input_info.dtype, floats[0], strings[0])
+    return _SignatureKeys(input_key, input_info.dtype, floats[0], strings[0], ood_keys)
 
 
 class GRPCClient:
@@ -221,7 +227,8 @@ class GRPCClient:
             if probabilities_proto.dtype != types_pb2.DT_FLOAT:
                 raise ValueError(f"{keys.probabilities_key!r} is not float32")
             probabilities = to_ndarray(probabilities_proto)
-        except (KeyError, ValueError) as error:
+            ood = {key: to_ndarray(response.outputs[key]) for key in keys.ood_keys}
+        except (KeyError, TypeError, ValueError) as error:
             raise ClientError(
                 "bad_response", f"Predict answered without the signature's outputs: {error}"
             ) from None
@@ -235,11 +242,24 @@ class GRPCClient:
         rows = [labels[i * num_classes : (i + 1) * num_classes] for i in range(len(files))]
         if any(len(row) != num_classes for row in rows):
             raise ClientError("bad_response", "Predict answered fewer class labels than probabilities")
+        if any(value.shape != (len(files),) for value in ood.values()):
+            shapes = {key: value.shape for key, value in ood.items()}
+            raise ClientError(
+                "bad_response", f"Predict answered out-of-distribution outputs of shapes {shapes}"
+            )
+        ood_score, abstain = ood.get(OOD_SCORE_KEY), ood.get(ABSTAIN_KEY)
         return PredictResult(
             model_name=response.model_spec.name or self.model_name,
             model_version=int(response.model_spec.version.value),
             images=[
-                rank(name, row, probabilities[i].tolist(), top_k)
+                rank(
+                    name,
+                    row,
+                    probabilities[i].tolist(),
+                    top_k,
+                    ood_score=None if ood_score is None else float(ood_score[i]),
+                    abstain=None if abstain is None else bool(abstain[i]),
+                )
                 for i, ((name, _), row) in enumerate(zip(files, rows, strict=True))
             ],
         )

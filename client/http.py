@@ -147,6 +147,9 @@ class HTTPClient:
                         filename=item["filename"],
                         top_k=[(entry["label"], float(entry["probability"])) for entry in item["top_k"]],
                         probabilities={k: float(v) for k, v in item["probabilities"].items()},
+                        # null, or absent from a gateway older than issue 17: None ("cannot say")
+                        ood_score=_optional(item.get("ood_score"), float),
+                        abstain=_optional(item.get("abstain"), bool),
                     )
                     for item in body["predictions"]
                 ],
@@ -183,6 +186,17 @@ class HTTPClient:
         versions = [VersionStatus(int(v), "END", f"failed to load: {error}") for v, error in failed.items()]
         versions.append(VersionStatus(int(info["version"]), "AVAILABLE", detail))
         return ModelStatus(model_name=info["name"], versions=sorted(versions, key=lambda v: -v.version))
+
+
+def _optional(value: Any, kind: type) -> Any:
+    """`value` as `kind` (float or bool), None kept; a value of another JSON type is a bad answer."""
+    if value is None:
+        return None
+    if kind is bool and not isinstance(value, bool):
+        raise TypeError(f"abstain={value!r} (not a boolean)")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise TypeError(f"ood_score={value!r} (not a number)")
+    return kind(value)
 
 
 def _connection_error(

@@ -22,10 +22,20 @@ class ImagePrediction:
     filename: str
     top_k: list[tuple[str, float]]  # (label, probability), most likely first
     probabilities: dict[str, float]  # every class label -> probability
+    # From models exported with the out-of-distribution outputs (None from older ones): how unlike
+    # the training classes the image is (higher = less like them), and whether the model abstains,
+    # i.e. is not sure the image shows any of its classes (`label` is then only its best guess).
+    ood_score: float | None = None
+    abstain: bool | None = None
 
     @property
     def label(self) -> str:
         return self.top_k[0][0]
+
+    @property
+    def not_sure(self) -> bool:
+        """True when the model abstained; False when it did not or cannot say (an older model)."""
+        return self.abstain is True
 
     def to_dict(self) -> dict[str, Any]:
         # The gateway's JSON shape, so `--json` output is the same whichever server answered.
@@ -33,6 +43,8 @@ class ImagePrediction:
             "filename": self.filename,
             "top_k": [{"label": label, "probability": p} for label, p in self.top_k],
             "probabilities": dict(self.probabilities),
+            "ood_score": self.ood_score,
+            "abstain": self.abstain,
         }
 
 
@@ -73,7 +85,15 @@ class ModelStatus:
         }
 
 
-def rank(filename: str, labels: list[str], probabilities: list[float], top_k: int) -> ImagePrediction:
+def rank(
+    filename: str,
+    labels: list[str],
+    probabilities: list[float],
+    top_k: int,
+    *,
+    ood_score: float | None = None,
+    abstain: bool | None = None,
+) -> ImagePrediction:
     """One image's probabilities -> ImagePrediction with the k most likely labels (ties keep order)."""
     if not 1 <= top_k <= len(labels):
         raise ClientError("invalid_top_k", f"top_k={top_k} must be between 1 and the {len(labels)} classes")
@@ -82,4 +102,6 @@ def rank(filename: str, labels: list[str], probabilities: list[float], top_k: in
         filename=filename,
         top_k=[(labels[i], float(probabilities[i])) for i in order],
         probabilities={label: float(p) for label, p in zip(labels, probabilities, strict=True)},
+        ood_score=None if ood_score is None else float(ood_score),
+        abstain=None if abstain is None else bool(abstain),
     )

@@ -1,7 +1,7 @@
 """NumPy <-> TensorProto for TensorFlow Serving's gRPC API, for every caller (gateway and clients).
 
-Only the dtypes the exported signatures use: float32 (pixels, probabilities, heatmaps), int32
-(class indices) and strings (encoded images, class labels). Built by hand rather than with
+Only the dtypes the exported signatures use: float32 (pixels, probabilities, heatmaps, ood_score), int32
+(class indices), bool (abstain) and strings (encoded images, class labels). Built by hand rather than with
 tf.make_tensor_proto / tf.make_ndarray: numbers travel as one tensor_content buffer (a single memcpy,
 much cheaper than make_tensor_proto's per-value path), and decoding reads either form a server may
 answer in: tensor_content (--use_tensor_content) or the typed repeated fields (TF Serving's default).
@@ -17,7 +17,9 @@ from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 _NUMERIC = {
     types_pb2.DT_FLOAT: (np.dtype("<f4"), "float_val"),
     types_pb2.DT_INT32: (np.dtype("<i4"), "int_val"),
+    types_pb2.DT_BOOL: (np.dtype("?"), "bool_val"),  # one byte per value in tensor_content
 }
+# Encoded: what the signatures take as inputs (bool is only ever an answer, `abstain`).
 _BY_NUMPY = {np.dtype(np.float32): types_pb2.DT_FLOAT, np.dtype(np.int32): types_pb2.DT_INT32}
 
 
@@ -51,7 +53,8 @@ def to_tensor_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
 
 
 def to_ndarray(proto: tensor_pb2.TensorProto) -> np.ndarray:
-    """DT_FLOAT -> float32, DT_INT32 -> int32, DT_STRING -> object array of bytes, in the proto's shape.
+    """DT_FLOAT -> float32, DT_INT32 -> int32, DT_BOOL -> bool, DT_STRING -> object array of bytes, in the
+    proto's shape.
 
     The array is the caller's own (writable, not a view of the message). TypeError for any other
     dtype; ValueError when the values do not fill the shape.

@@ -5,11 +5,12 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request
 
 from contract.signatures import INPUT_SIZE
+from serving import drift_metrics, request_id, sampling
 from serving.backend_call import call_backend
 from serving.context import backend, settings
 from serving.errors import GatewayError
 from serving.model_card import card_summary
-from serving.ranking import check_top_k, requested_top_k, scores
+from serving.ranking import check_top_k, requested_top_k, scores, trust
 from serving.uploads import model_inputs, read_uploads
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
@@ -25,9 +26,17 @@ def predict() -> Response:
     names = prediction.class_names
     check_top_k(top_k, names)
     results = [
-        {"filename": upload.filename, **scores(row, names, top_k)}
-        for upload, row in zip(uploads, prediction.probabilities, strict=True)
+        {
+            "filename": upload.filename,
+            **scores(row, names, top_k),
+            **trust(prediction.ood_score, prediction.abstain, index),
+        }
+        for index, (upload, row) in enumerate(zip(uploads, prediction.probabilities, strict=True))
     ]
+    # Answered: keep it in the prediction sample (when GATEWAY_SAMPLE_RATE says so) and count it in
+    # the drift metrics. Neither raises, so neither can fail the request it observes.
+    sampling.record(batch, prediction, request_id.current())
+    drift_metrics.observe(prediction)
     return jsonify(
         {
             "model": {"name": prediction.model_name, "version": prediction.model_version},

@@ -33,7 +33,7 @@ from serving.context import SETTINGS_KEY, backend, settings
 from serving.deadline import remaining_s
 from serving.errors import GatewayError
 from serving.overlay import VIEW_SIZE, overlay_png_base64
-from serving.ranking import check_top_k, requested_top_k, scores
+from serving.ranking import check_top_k, requested_top_k, scores, trust
 from serving.uploads import Upload, model_inputs, param, read_uploads
 
 bp = Blueprint("explain", __name__, url_prefix="/v1")
@@ -133,6 +133,7 @@ def _entry(
     return {
         "filename": upload.filename,
         **scores(explanation.probabilities[index], names, top_k),
+        **trust(explanation.ood_score, explanation.abstain, index),
         "explained_class": names[explained],
         "overlay_png": overlay_png_base64(pixels, explanation.heatmaps[index]),
         "overlay_size": [VIEW_SIZE, VIEW_SIZE],

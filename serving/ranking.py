@@ -44,3 +44,13 @@ def scores(row: np.ndarray, names: tuple[str, ...], top_k: int) -> dict[str, Any
         "top_k": [{"label": names[i], "probability": float(row[i])} for i in order],
         "probabilities": {name: float(p) for name, p in zip(names, row, strict=True)},
     }
+
+
+def trust(ood_score: np.ndarray | None, abstain: np.ndarray | None, index: int) -> dict[str, Any]:
+    """Image `index`'s `ood_score` (float) and `abstain` (bool: the model is not sure the image shows
+    one of its classes; the label is still its best guess), both null for a version exported without
+    the out-of-distribution outputs, so clients can tell "sure" from "cannot say"."""
+    return {
+        "ood_score": None if ood_score is None else float(ood_score[index]),
+        "abstain": None if abstain is None else bool(abstain[index]),
+    }

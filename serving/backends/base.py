@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+
+from contract.signatures import ABSTAIN_KEY, OOD_SCORE_KEY
 
 
 @dataclass(frozen=True)
@@ -14,6 +17,11 @@ class Prediction:
     class_names: tuple[str, ...]  # C labels, column order of `probabilities`
     model_name: str
     model_version: int  # the version that answered this call
+    # Out-of-distribution outputs of versions exported with them (issue 17): ood_score float32 [N],
+    # higher = less like the training classes; abstain bool [N], ood_score over the threshold the
+    # export chose. None for versions exported before them: the gateway still serves those.
+    ood_score: np.ndarray | None = None
+    abstain: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,8 @@ class Explanation:
     class_names: tuple[str, ...]
     model_name: str
     model_version: int
+    ood_score: np.ndarray | None = None  # as in Prediction: None when the explain signature lacks it
+    abstain: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,27 @@ def served_detail(served: str, failed_versions: dict[int, str]) -> str:
         return served
     newer = ", ".join(map(str, sorted(failed_versions)))
     return f"{served}; newer version(s) {newer} failed to load, not served"
+
+
+def ood_fields(outputs: Mapping[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
+    """The `ood_score` (float32 [count]) and `abstain` (bool [count]) among a signature's decoded
+    outputs, as Prediction/Explanation keyword arguments; an output the version lacks is left out
+    (None). BackendError when one is there but breaks the contract."""
+    fields: dict[str, np.ndarray] = {}
+    for key, name, dtype in (
+        (OOD_SCORE_KEY, "ood_score", np.dtype(np.float32)),
+        (ABSTAIN_KEY, "abstain", np.dtype(np.bool_)),
+    ):
+        if key not in outputs:
+            continue
+        value = np.asarray(outputs[key])
+        if value.dtype != dtype or value.shape != (count,):
+            raise BackendError(
+                f"the model's {key!r} output is {value.dtype} of shape {value.shape}, not {dtype} [{count}] "
+                "as the contract says; re-export the model with trainer/export"
+            )
+        fields[name] = value
+    return fields
 
 
 class BackendUnavailable(Exception):

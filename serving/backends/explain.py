@@ -14,18 +14,20 @@ from tensorflow.core.framework import tensor_pb2
 from tensorflow_serving.apis import predict_pb2
 
 from contract.signatures import (
+    ABSTAIN_KEY,
     CLASS_INDEX_KEY,
     CLASSES_KEY,
     EXPLAINED_CLASS_KEY,
     HEATMAP_KEY,
     IMAGES_KEY,
+    OOD_SCORE_KEY,
     PROBABILITIES_KEY,
     TOP_CLASS,
 )
 from contract.signatures import EXPLAIN as EXPLAIN_SIGNATURE
 from contract.signatures import EXPLAIN_OUTPUT_KEYS as OUTPUT_KEYS
 from contract.tensors import to_ndarray, to_tensor_proto
-from serving.backends.base import BackendError, ExplainUnsupported, Explanation
+from serving.backends.base import BackendError, ExplainUnsupported, Explanation, ood_fields
 
 
 def class_indices(count: int, class_index: int | None) -> np.ndarray:
@@ -54,7 +56,15 @@ def _checked(outputs: dict[str, np.ndarray], count: int, model_name: str, model_
         c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in np.asarray(classes).reshape(-1)
     )
     class_names = names[: probabilities.shape[1]]
-    return Explanation(probabilities, heatmaps, explained, class_names, model_name, model_version)
+    return Explanation(
+        probabilities,
+        heatmaps,
+        explained,
+        class_names,
+        model_name,
+        model_version,
+        **ood_fields(outputs, count),  # versions exported with the out-of-distribution outputs
+    )
 
 
 def explain_saved_model(
@@ -103,7 +113,8 @@ def parse_explain_response(response: predict_pb2.PredictResponse, count: int, mo
     missing = [key for key in OUTPUT_KEYS if key not in response.outputs]
     if missing:
         raise BackendError(f"TensorFlow Serving's explain response lacks outputs {missing}")
-    outputs = {key: _array(response.outputs[key], key) for key in OUTPUT_KEYS}
+    present = [key for key in (OOD_SCORE_KEY, ABSTAIN_KEY) if key in response.outputs]  # newer exports
+    outputs = {key: _array(response.outputs[key], key) for key in (*OUTPUT_KEYS, *present)}
     return _checked(
         outputs, count, response.model_spec.name or model_name, int(response.model_spec.version.value)
     )

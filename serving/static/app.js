@@ -9,6 +9,37 @@ const results = document.getElementById("results");
 const modelInfo = document.getElementById("model-info");
 const modelWarning = document.getElementById("model-warning");
 
+const keyForm = document.getElementById("key-form");
+const keyInput = document.getElementById("api-key");
+
+// API keys (GATEWAY_API_KEYS_FILE): a 401 shows the key form; the key is kept for this tab only.
+function authHeaders() {
+  const key = sessionStorage.getItem("apiKey");
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+function api(path, options = {}) {
+  return fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+}
+
+function askForKey(body) {
+  keyForm.hidden = false;
+  setStatus(`${body.error.code}: ${body.error.message}`, true);
+  keyInput.focus();
+}
+
+let lastFiles = null; // classified again once a key is given
+
+keyForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem("apiKey", keyInput.value.trim());
+  keyInput.value = "";
+  keyForm.hidden = true;
+  setStatus("");
+  showModel();
+  if (lastFiles) classify(lastFiles);
+});
+
 function setStatus(text, isError = false) {
   statusLine.textContent = text;
   statusLine.classList.toggle("error", isError);
@@ -16,8 +47,13 @@ function setStatus(text, isError = false) {
 
 async function showModel() {
   try {
-    const response = await fetch("/v1/models");
+    const response = await api("/v1/models");
     const body = await response.json();
+    if (response.status === 401) {
+      modelInfo.textContent = "The model is behind an API key.";
+      askForKey(body);
+      return;
+    }
     modelInfo.textContent = response.ok
       ? `Model ${body.name}, version ${body.version}: ${body.class_names.length} classes`
       : `Model not available: ${body.error.message}`;
@@ -44,8 +80,17 @@ function renderPrediction(file, prediction) {
   bars.className = "bars";
   const title = document.createElement("h2");
   const best = prediction.top_k[0];
-  title.textContent = `${prediction.filename}: ${best.label} (${(best.probability * 100).toFixed(1)}%)`;
-  bars.appendChild(title);
+  const percent = `${(best.probability * 100).toFixed(1)}%`;
+  // abstain: the model says the image is unlike its classes (issue 17). The best guess stays visible,
+  // but as a guess, under a badge that says so in words (not by colour alone).
+  if (prediction.abstain === true) {
+    card.classList.add("abstained");
+    title.textContent = `${prediction.filename}: not sure (best guess ${best.label}, ${percent})`;
+    bars.append(title, notSureBadge(prediction));
+  } else {
+    title.textContent = `${prediction.filename}: ${best.label} (${percent})`;
+    bars.appendChild(title);
+  }
   // Every class, most likely first, so the chart reads top-down.
   const entries = Object.entries(prediction.probabilities).sort((a, b) => b[1] - a[1]);
   entries.forEach(([label, p], i) => {
@@ -71,6 +116,24 @@ function renderPrediction(file, prediction) {
   return card;
 }
 
+function notSureBadge(prediction) {
+  const note = document.createElement("p");
+  note.className = "not-sure";
+  note.setAttribute("role", "note");
+  const badge = document.createElement("strong");
+  badge.className = "badge";
+  badge.textContent = "Not sure";
+  const score =
+    typeof prediction.ood_score === "number"
+      ? ` (out-of-distribution score ${prediction.ood_score.toFixed(2)})`
+      : "";
+  note.append(
+    badge,
+    ` This image does not look like any class the model knows${score}; the label is only its best guess.`,
+  );
+  return note;
+}
+
 // The Grad-CAM overlay for one image: a background-image div (not a second <img>, so the card's
 // <img> stays the uploaded picture).
 function renderExplanation(explanation) {
@@ -93,7 +156,7 @@ async function explain(images, cards) {
   const form = new FormData();
   images.forEach((f) => form.append("images", f, f.name));
   try {
-    const response = await fetch("/v1/explain?top_k=1", { method: "POST", body: form });
+    const response = await api("/v1/explain?top_k=1", { method: "POST", body: form });
     if (!response.ok) return;
     const body = await response.json();
     body.explanations.forEach((e, i) => cards[i].insertBefore(renderExplanation(e), cards[i].lastChild));
@@ -109,10 +172,15 @@ async function classify(files) {
   if (images.length === 0) return;
   const form = new FormData();
   images.forEach((f) => form.append("images", f, f.name));
+  lastFiles = images;
   setStatus(`Classifying ${images.length} image(s)…`);
   try {
-    const response = await fetch("/v1/predict?top_k=3", { method: "POST", body: form });
+    const response = await api("/v1/predict?top_k=3", { method: "POST", body: form });
     const body = await response.json();
+    if (response.status === 401) {
+      askForKey(body);
+      return;
+    }
     if (!response.ok) {
       setStatus(`${body.error.code}: ${body.error.message}`, true);
       return;

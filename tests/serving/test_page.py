@@ -101,3 +101,31 @@ def test_a_model_trained_on_photos_carries_no_warning(page, exported_model, tmp_
             expect(other.locator("#model-warning")).to_be_hidden()
         finally:
             other.close()
+
+
+def test_a_gateway_with_api_keys_asks_for_one_and_then_classifies(
+    page, gateway_app, exported_model, cifar_sample, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    from serving import auth
+    from tests.fixtures.gateway import serve_in_thread
+    from tests.serving.test_auth import keyed_app, keys_text
+
+    key = auth.new_key()
+    keys_file = tmp_path / "api-keys"
+    keys_file.write_text(keys_text(web=key))
+    with serve_in_thread(keyed_app(gateway_app, keys_file)) as url:
+        other = page.context.browser.new_page()
+        try:
+            other.goto(url)
+            expect(other.locator("#key-form")).to_be_visible()
+            expect(other.locator("#status")).to_contain_text("missing_api_key", timeout=20_000)
+            other.fill("#api-key", key)
+            other.click("#key-form button")
+            expect(other.locator("#key-form")).to_be_hidden()
+            expect(other.locator("#model-info")).to_contain_text(f"version {exported_model.version}")
+            other.set_input_files("#file-input", str(cifar_sample[0][0]))
+            expect(other.locator(".result")).to_have_count(1, timeout=20_000)
+        finally:
+            other.close()
