@@ -26,6 +26,7 @@ import logging
 import threading
 from pathlib import Path
 
+from contract.labels import LABELS_FILE
 from contract.signatures import SAVED_MODEL_FILE
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ def version_directories(model_dir: Path) -> list[int]:
         number = version_number(entry.name)
         if number is not None and entry.is_dir():
             versions.append(number)
-        elif not entry.name.startswith("."):  # hidden names are the publisher's own (.tmp-*, .last-version)
+        # Hidden names are the publisher's own (.tmp-*, .last-version); labels.json says which is stable.
+        elif not entry.name.startswith(".") and entry.name != LABELS_FILE:
             _warn_once(entry, number)
     return sorted(versions, reverse=True)
 

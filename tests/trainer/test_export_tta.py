@@ -135,7 +135,9 @@ def test_model_card_and_gateway_summary_say_which(flip_export, plain_export):
     assert plain_card["test_time_augmentation"] == "none" and plain_card["model_evaluations_per_image"] == 1
     meaning = flip_card["input_contract"]["outputs"]["probabilities"]["meaning"]
     assert "mirror" in meaning and "twice the model's compute" in meaning
-    assert plain_card["input_contract"]["outputs"]["probabilities"]["meaning"] == "softmax"
+    assert plain_card["input_contract"]["outputs"]["probabilities"]["meaning"] == (
+        "softmax of logits / calibration.temperature"
+    )
     assert card_summary(flip_export.base, "cifar10", 1)["test_time_augmentation"] == "flip"
     assert card_summary(plain_export.base, "cifar10", 1)["test_time_augmentation"] == "none"
 
@@ -169,7 +171,9 @@ def test_tta_flag_defaults_to_none_reaches_publish_and_refuses_unknown_values(mo
         seen.update(kwargs)
         return tmp_path / "models" / "cifar10" / "1"
 
-    monkeypatch.setattr(cli, "publish", fake_publish)
+    import trainer.export.publish as publish_module  # cli.run imports publish when it runs
+
+    monkeypatch.setattr(publish_module, "publish", fake_publish)
     flags = ["--run-dir", str(tmp_path), "--model-base", str(tmp_path / "models")]
     assert cli.main(flags) == 0 and seen["tta"] == "none"
     assert cli.main([*flags, "--tta", "flip"]) == 0 and seen["tta"] == "flip"

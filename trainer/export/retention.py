@@ -16,7 +16,9 @@ rules are quick to test with real processes.
 * **--keep never removes what TF Serving is told to serve.** With the model server's config
   (`--serving-config`, the models.config passed to `--model_config_file`), every version it pins
   (`specific { versions }`), labels (`version_labels`) or serves (`latest { num_versions: N }` keeps
-  the N newest, `all {}` keeps all) is kept beside the newest --keep, and the log says why.
+  the N newest, `all {}` keeps all) is kept beside the newest --keep, and the log says why. So is
+  every version MODEL_DIR/labels.json names (`stable`, `canary`: contract/labels.py), with or without
+  the config; an unreadable labels.json prunes nothing.
 * **State is durable.** The version directory is fsynced file by file before it is renamed into
   place, and the model directory after; the high-water mark is written to a temporary file, fsynced,
   renamed over the old one, and the directory fsynced, so a crash leaves the old or the new number.
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
+from contract.labels import Labels, LabelsError, read_labels
 from contract.versions import published_versions, version_directories
 
 log = logging.getLogger(__name__)
@@ -246,14 +249,16 @@ def publish_version(
     serving_config: Path | None = None,
     model_name: str | None = None,
     gate: Callable[[], None] | None = None,
+    on_published: Callable[[int], None] | None = None,
     stale_after_s: float = STALE_AFTER_S,
 ) -> Path:
     """Publish the next version of model_dir: `write(directory, version)` fills a hidden directory,
     which is fsynced and renamed to MODEL_DIR/<version>; then versions beyond `keep` are pruned
     (see prune_versions). Returns the version's path.
 
-    All of it, and `gate()` (the quality gate, which compares with the newest version), runs under
-    the publish lock, so concurrent publishes queue instead of taking the same number.
+    All of it, `gate()` (a check before anything is written) and `on_published(version)` (e.g.
+    labelling the new version canary, before pruning), runs under the publish lock, so concurrent
+    publishes queue instead of taking the same number, and labels change with no publish in between.
     """
     model_dir = Path(model_dir)
     if keep is not None and keep < 1:
@@ -274,6 +279,8 @@ def publish_version(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         log.info("published %s", final)
+        if on_published is not None:
+            on_published(version)
         if keep is not None:
             try:
                 policies = _policies(serving_config, model_name or model_dir.name)
@@ -353,9 +360,10 @@ def read_serving_config(path: Path, model_name: str) -> list[ServingPolicy]:
 
 
 def protected_versions(
-    published: list[int], keep: int, policies: list[ServingPolicy]
+    published: list[int], keep: int, policies: list[ServingPolicy], labels: Labels | None = None
 ) -> dict[int, list[str]]:
-    """Version -> why it must stay: among the newest `keep`, or served, pinned or labelled by a policy.
+    """Version -> why it must stay: among the newest `keep`, served, pinned or labelled by a policy, or
+    named by labels.json (`labels`).
 
     `published` is newest first (contract.versions.published_versions).
     """
@@ -378,6 +386,10 @@ def protected_versions(
             protect(version, f"pinned: specific {{ versions: {version} }} {where}")
         for label, version in sorted(policy.labels.items()):
             protect(version, f"labelled {label!r} (version_labels) {where}")
+    if labels is not None:
+        protect(labels.stable, "labelled 'stable' in labels.json")
+        if labels.canary is not None:
+            protect(labels.canary, "labelled 'canary' in labels.json")
     return reasons
 
 
@@ -389,7 +401,13 @@ def _prune_locked(
     model_dir: Path, keep: int, policies: list[ServingPolicy], serving_config: Path | None
 ) -> list[int]:
     published = published_versions(model_dir)  # newest first, complete versions only
-    reasons = protected_versions(published, keep, policies)
+    try:
+        labels = read_labels(model_dir)
+    except (LabelsError, OSError) as exc:
+        # Which versions the gateway serves is unknown: removing any could take the stable one away.
+        log.error("pruned nothing: %s", exc)
+        return []
+    reasons = protected_versions(published, keep, policies, labels)
     for version in sorted(v for v in reasons if v not in published):
         log.warning(
             "version %d is %s, but %s holds no complete version %d (no saved_model.pb): TF Serving "
