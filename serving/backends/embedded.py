@@ -1,10 +1,18 @@
 """The model in process: the highest published SavedModel version, called through its compiled
-`serving_default` signature, swapped for a newer version when one is published."""
+`serving_default` signature, swapped for a newer version when one is published.
+
+With `MODEL_BASE/<name>/labels.json` (serving/canary.py) the labelled `stable` version is served
+instead, and a `canary` version next to it takes a share of requests (split) or runs on copies of
+them (shadow). Each served version has its own batching queue (a batch never mixes versions); a
+version that stops being served keeps its queue until the requests in it are answered.
+"""
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -14,7 +22,15 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from contract.signatures import CLASSES_KEY, IMAGES_KEY, PROBABILITIES_KEY, SAVED_MODEL_FILE, SERVING_DEFAULT
+from contract.signatures import (
+    ABSTAIN_KEY,
+    CLASSES_KEY,
+    IMAGES_KEY,
+    OOD_SCORE_KEY,
+    PROBABILITIES_KEY,
+    SAVED_MODEL_FILE,
+    SERVING_DEFAULT,
+)
 from contract.versions import published_versions
 from serving.backends.base import (
     BackendError,
@@ -23,10 +39,24 @@ from serving.backends.base import (
     Explanation,
     ModelStatus,
     Prediction,
+    ood_fields,
     served_detail,
 )
 from serving.backends.explain import explain_saved_model
 from serving.batching import Batcher, BatchingParameters
+from serving.canary import (
+    CANARY,
+    SHADOW,
+    SPLIT,
+    STABLE,
+    Comparisons,
+    Labels,
+    LabelsFile,
+    Router,
+    active_canary,
+    observe,
+    record_agreement,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,6 +68,16 @@ class LoadedModel:
     signature: Any  # a ConcreteFunction: images float32 [N,32,32,3] -> {probabilities, classes}
     class_names: tuple[str, ...]
     saved_model: Any  # keeps the variables the signature reads alive
+
+
+@dataclass(eq=False)
+class _Lane:
+    """One served version's batching queue."""
+
+    version: int
+    batcher: Batcher[LoadedModel]
+    retired_at: float | None = None  # when the version stopped being served
+    closed: bool = False  # set before the batcher closes: a request that finds it closed re-routes
 
 
 def load_version(model_dir: Path, version: int, signature_name: str = SERVING_DEFAULT) -> LoadedModel:
@@ -70,6 +110,7 @@ class EmbeddedBackend:
         deadline_s: float = 5.0,
         batching: BatchingParameters | None = None,
         explain_threads: int = 2,
+        rng: random.Random | None = None,
     ) -> None:
         self.model_name = model_name
         self.model_dir = Path(model_base_path) / model_name
@@ -79,9 +120,19 @@ class EmbeddedBackend:
         # Predictions from concurrent requests run together (serving/batching.py); explanations (a
         # backward pass each, rarer) run on their own small pool. Both give up at the deadline
         # (504) instead of waiting behind an overloaded CPU, and drop work still queued then.
-        self._batcher: Batcher[LoadedModel] = Batcher(
-            self._loaded, _call_signature, batching, name=f"{model_name}-batch"
-        )
+        self._batching = batching
+        self._lanes: dict[int, _Lane] = {}  # served version -> its queue, made on first use
+        self._retired: list[_Lane] = []  # queues of versions no longer served, closed after a grace
+        self._lanes_lock = threading.Lock()
+        self._labels_file = LabelsFile(self.model_dir)
+        self._labels: Labels | None = None  # the labels in force (None: newest version, no canary)
+        self._canary: LoadedModel | None = None
+        # The stable version before the last relabel, kept loaded (no traffic, no queue) so a rollback
+        # swaps at once instead of loading from disk while requests wait: one extra model in memory.
+        self._previous: LoadedModel | None = None
+        self._label_problem = ""  # why the labels on disk are not fully served, for status()
+        self._router = Router(rng)  # rng: seedable, for tests of the split
+        self._comparisons = Comparisons()  # shadow runs and canary-vs-stable checks, bounded
         self._pool = ThreadPoolExecutor(max_workers=explain_threads, thread_name_prefix="explain")
         self._current: LoadedModel | None = None
         self._last_error = ""
@@ -95,6 +146,91 @@ class EmbeddedBackend:
         self._poller.start()
 
     def refresh(self) -> bool:
+        """Re-read labels.json and bring the served versions in line; True if they changed."""
+        labels = self._labels_file.read()
+        if labels is None:
+            self._previous = None
+            changed = self._refresh_latest()
+            changed = self._set_canary(None) or changed
+            self._label_problem = self._labels_file.error
+        else:
+            changed = self._refresh_labelled(labels)
+        self._labels = labels
+        self._retire_unused()
+        return changed
+
+    def _refresh_labelled(self, labels: Labels) -> bool:
+        """Serve labels.stable (and labels.canary). A labelled version that is missing or fails to
+        load is not served: the version served before keeps answering (availability first), and
+        status() says why the labels are not in force."""
+        problems = [self._labels_file.error] if self._labels_file.error else []
+        published = set(published_versions(self.model_dir))
+        changed = False
+        current = self._current
+        if current is None or current.version != labels.stable:
+            loaded = self._labelled(labels.stable, STABLE, published, problems)
+            if loaded is not None:
+                self._current = loaded  # one reference assignment, as in _refresh_latest
+                self._previous = current
+                self._last_error = ""
+                changed = True
+                log.info("serving %s version %s as stable", self.model_name, loaded.version)
+            elif current is None:
+                self._last_error = problems[-1]
+        wanted = active_canary(labels)
+        if wanted is None:
+            changed = self._set_canary(None) or changed
+        elif self._canary is None or self._canary.version != wanted:
+            changed = self._set_canary(self._labelled(wanted, CANARY, published, problems)) or changed
+        self._label_problem = "; ".join(problems)
+        return changed
+
+    def _labelled(
+        self, version: int, role: str, published: set[int], problems: list[str]
+    ) -> LoadedModel | None:
+        """A labelled version, reused when already loaded (promote, rollback), else loaded."""
+        for model in (self._current, self._canary, self._previous):
+            if model is not None and model.version == version:
+                return model
+        if version not in published:
+            # No path here: status() shows it on /readyz (the log line below has the directory).
+            problem = f"labels.json names {role} version {version}, which is not published"
+        else:
+            loaded = self._try_load(version)
+            if loaded is not None:
+                return loaded
+            problem = f"{role} version {version} failed to load (details in the gateway log)"
+        if problem != self._label_problem and problem not in self._label_problem:
+            log.error("%s (model directory %s); it is not served", problem, self.model_dir)
+        problems.append(problem)
+        return None
+
+    def _set_canary(self, model: LoadedModel | None) -> bool:
+        previous = self._canary
+        self._canary = model
+        if (previous and previous.version) != (model and model.version):
+            log.info("%s canary: %s", self.model_name, f"version {model.version}" if model else "none")
+            return True
+        return False
+
+    def _retire_unused(self) -> None:
+        """Queues of versions no longer served stop taking requests; each is closed (answering what
+        it holds) once every request that could still be routed to it has passed its deadline."""
+        live = {model.version for model in (self._current, self._canary) if model is not None}
+        now = time.monotonic()
+        with self._lanes_lock:
+            for version in [v for v in self._lanes if v not in live]:
+                lane = self._lanes.pop(version)
+                lane.retired_at = now
+                self._retired.append(lane)
+            grace = self.deadline_s + self.poll_interval_s
+            due = [lane for lane in self._retired if now - (lane.retired_at or now) > grace]
+            self._retired = [lane for lane in self._retired if lane not in due]
+        for lane in due:
+            lane.closed = True
+            lane.batcher.close()
+
+    def _refresh_latest(self) -> bool:
         """Serve the newest loadable version; True if the served version changed.
 
         A broken newest version is skipped in favour of the next one down, so a worker that starts
@@ -182,14 +318,92 @@ class EmbeddedBackend:
             ) from None
 
     def predict(self, images: np.ndarray, *, timeout_s: float | None = None) -> Prediction:
-        self._loaded()  # no model: 503 now, not after a trip through the queue
+        stable = self._loaded()  # no model: 503 now, not after a trip through the queue
+        canary, labels = self._canary, self._labels  # read once: a relabel during this call is harmless
         batch = np.asarray(images, dtype=np.float32)
-        probabilities, model = self._batcher.submit(batch, self._timeout(timeout_s))
+        timeout = self._timeout(timeout_s)
+        chosen = canary is not None and labels is not None and self._router.canary_chosen(labels)
+        if chosen and labels is not None and labels.mode == SPLIT:
+            assert canary is not None
+            prediction = self._predict_on(canary, CANARY, batch, timeout)
+            # Agreement with stable for the canary's answer: stable runs on a copy, afterwards.
+            self._compare_later(stable, batch, prediction, reference_is_background=True)
+            return prediction
+        prediction = self._predict_on(stable, STABLE, batch, timeout)
+        if chosen:  # shadow: the canary runs on a copy after this answer; the user gets stable's
+            assert canary is not None
+            self._compare_later(canary, batch, prediction, reference_is_background=False)
+        return prediction
+
+    def _compare_later(
+        self, model: LoadedModel, batch: np.ndarray, answered: Prediction, *, reference_is_background: bool
+    ) -> None:
+        """Run `model` on a copy of `batch` in the background (dropped under load) and record the
+        top-1 agreement of the non-stable answer with stable's."""
+        rows = batch.copy()
+
+        def work() -> None:
+            if reference_is_background:  # a canary answered; `model` is stable, not counted as traffic
+                outputs, _ = self._submit(model, rows, self.deadline_s)
+                stable_probabilities = outputs[PROBABILITIES_KEY]
+                record_agreement(answered.model_version, CANARY, stable_probabilities, answered.probabilities)
+            else:  # stable answered; `model` is the shadow canary
+                shadow = self._predict_on(model, SHADOW, rows, self.deadline_s)
+                record_agreement(shadow.model_version, SHADOW, answered.probabilities, shadow.probabilities)
+
+        self._comparisons.submit(work)
+
+    def _lane(self, model: LoadedModel) -> _Lane:
+        version = model.version
+        with self._lanes_lock:
+            lane = self._lanes.get(version)
+            if lane is None:
+                batcher: Batcher[LoadedModel] = Batcher(
+                    lambda: self._model_for(version, model),
+                    _call_signature,
+                    self._batching,
+                    name=f"{self.model_name}-v{version}-batch",
+                )
+                lane = self._lanes[version] = _Lane(version, batcher)
+            return lane
+
+    def _model_for(self, version: int, fallback: LoadedModel) -> LoadedModel:
+        """The model a batch of `version`'s queue runs on, read per batch (the served object, which
+        a reload may replace; the queue's own model once the version is no longer served)."""
+        for model in (self._current, self._canary):
+            if model is not None and model.version == version:
+                return model
+        return fallback
+
+    def _submit(self, model: LoadedModel, batch: np.ndarray, timeout_s: float) -> tuple[Any, LoadedModel]:
+        """`batch` through `model`'s queue. A queue closed under the request (its version was retired
+        after a relabel, long ago) sends it to the served stable version instead: no request is lost."""
+        for _ in range(3):
+            if self._stop.is_set():
+                raise BackendUnavailable("the gateway is shutting down; retry on another replica")
+            lane = self._lane(model)
+            try:
+                return lane.batcher.submit(batch, timeout_s)
+            except BackendUnavailable:
+                if not lane.closed:
+                    raise
+            model = self._loaded()
+        raise BackendUnavailable("the served model version changed repeatedly during this request; retry")
+
+    def _predict_on(self, model: LoadedModel, role: str, batch: np.ndarray, timeout_s: float) -> Prediction:
+        started = time.monotonic()
+        ok = False
+        try:
+            outputs, model = self._submit(model, batch, timeout_s)
+            ok = True
+        finally:
+            observe(model.version, role, time.monotonic() - started, ok)
         return Prediction(
-            probabilities=probabilities,
+            probabilities=outputs[PROBABILITIES_KEY],
             class_names=model.class_names,
             model_name=self.model_name,
             model_version=model.version,
+            **ood_fields(outputs, len(batch)),  # ood_score and abstain, when the version has them
         )
 
     def explain(
@@ -209,19 +423,39 @@ class EmbeddedBackend:
         )
 
     def status(self) -> ModelStatus:
-        model = self._current
+        model, canary, labels = self._current, self._canary, self._labels
         if model is None:
             return ModelStatus(False, self.model_name, None, None, self._last_error or "loading")
         failed = {v: e for v, e in sorted(self._broken_errors.items()) if v > model.version}
-        detail = served_detail(f"version {model.version}", failed)
+        served = f"version {model.version}"
+        if labels is not None:
+            served += " (stable)"
+            if canary is not None:
+                served += f"; canary version {canary.version} at {labels.canary_percent:g}% ({labels.mode})"
+        if self._label_problem:
+            served += f"; {self._label_problem}"
+        detail = served_detail(served, failed)
         return ModelStatus(True, self.model_name, model.version, model.class_names, detail, failed)
 
     def close(self) -> None:
         self._stop.set()
-        self._batcher.close()  # answers what is queued: a worker stopping on SIGTERM loses no request
+        self._comparisons.close()
+        with self._lanes_lock:
+            lanes = [*self._lanes.values(), *self._retired]
+            self._lanes, self._retired = {}, []
+        for lane in lanes:  # each answers what is queued: a worker stopping on SIGTERM loses no request
+            lane.closed = True
+            lane.batcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _call_signature(model: LoadedModel, rows: np.ndarray) -> np.ndarray:
-    """One batch through the version's compiled serving signature (float32 [N,32,32,3])."""
-    return model.signature(**{IMAGES_KEY: rows})[PROBABILITIES_KEY].numpy()
+# The outputs a prediction carries; `classes` is left on the graph (the names are read once, at load).
+PREDICTION_KEYS = (PROBABILITIES_KEY, OOD_SCORE_KEY, ABSTAIN_KEY)
+
+
+def _call_signature(model: LoadedModel, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """One batch through the version's compiled serving signature (float32 [N,32,32,3]): its
+    PREDICTION_KEYS outputs that the version has (versions exported before issue 17 lack the
+    out-of-distribution ones). The batcher slices each per request."""
+    outputs = model.signature(**{IMAGES_KEY: rows})
+    return {key: outputs[key].numpy() for key in PREDICTION_KEYS if key in outputs}

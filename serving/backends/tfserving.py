@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import threading
 import time
@@ -36,15 +37,17 @@ from tensorflow_serving.apis import (
 from contract.channel import channel_credentials, channel_options, open_channel
 from contract.overload import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen, RetryBudget
 from contract.signatures import (
+    ABSTAIN_KEY,
     CHANNELS,
     CLASSES_KEY,
     IMAGES_KEY,
     INPUT_SIZE,
+    OOD_SCORE_KEY,
     PROBABILITIES_KEY,
     SERVING_DEFAULT,
 )
 from contract.tensors import to_ndarray, to_tensor_proto
-from serving import metrics, request_id
+from serving import metrics, request_id, tracing
 from serving.backends.base import (
     BackendError,
     BackendTimeout,
@@ -52,6 +55,7 @@ from serving.backends.base import (
     Explanation,
     ModelStatus,
     Prediction,
+    ood_fields,
     served_detail,
 )
 from serving.backends.explain import (
@@ -59,6 +63,18 @@ from serving.backends.explain import (
     is_missing_signature,
     parse_explain_response,
     unsupported,
+)
+from serving.canary import (
+    CANARY,
+    SHADOW,
+    SPLIT,
+    STABLE,
+    Comparisons,
+    Labels,
+    LabelsFile,
+    Router,
+    observe,
+    record_agreement,
 )
 from serving.errors import redact  # what /readyz shows of load errors: paths stay in the log
 
@@ -76,6 +92,7 @@ _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 # large-batch splitting) when TF Serving's --enable_batching queue overflows: it is shedding load.
 _SHEDDING = re.compile(r"batch scheduling queue .*is full", re.IGNORECASE)
 SHED_RETRY_AFTER_S = 1
+REQUEST_ID_METADATA = "x-request-id"  # gRPC metadata keys are lower case; the HTTP header's name
 _BREAKER_LEVELS = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}  # the gateway_breaker_state gauge
 _TLS_HINT = (
     "if TF Serving serves TLS, set GATEWAY_TFSERVING_TLS_CA to the CA that signed its certificate; if it "
@@ -87,6 +104,11 @@ log = logging.getLogger(__name__)
 def is_shedding(code: grpc.StatusCode, details: str) -> bool:
     """True for TF Serving's answer when its batching queue is full (it sheds load)."""
     return code == grpc.StatusCode.UNAVAILABLE and bool(_SHEDDING.search(details))
+
+
+class UnknownVersionLabel(BackendError):
+    """TF Serving does not know a label labels.json names (yet: it re-reads models.config only every
+    --model_config_file_poll_wait_seconds, and refuses labels on versions it has not loaded)."""
 
 
 class RPCFailed(BackendError):
@@ -102,12 +124,34 @@ def _log(level: int, message: str, *args: object) -> None:
     log.log(level, "request_id=%s " + message, request_id.current(), *args)
 
 
+def _request_metadata() -> tuple[tuple[str, str], ...]:
+    """gRPC metadata for a call made for a request: its id, so logs and proxies on TF Serving's side (a
+    service mesh's access log, Envoy's x-request-id) name the same id as the gateway's log and the
+    client. Empty outside a request (start-up, background threads)."""
+    current = request_id.current()
+    return () if current is None else ((REQUEST_ID_METADATA, current),)
+
+
 def _probabilities(proto: tensor_pb2.TensorProto) -> np.ndarray:
     if proto.dtype != types_pb2.DT_FLOAT:
         raise BackendError(
             f"TensorFlow Serving returned {PROBABILITIES_KEY} of dtype {proto.dtype}, not float32"
         )
     return to_ndarray(proto)
+
+
+def optional_outputs(response: predict_pb2.PredictResponse) -> dict[str, np.ndarray]:
+    """The out-of-distribution outputs the response carries, decoded. No output_filter is sent, so TF
+    Serving answers every output of the signature: a version exported with `ood_score` and `abstain`
+    returns them, an older one does not (and asking for them by name would fail its requests)."""
+    decoded = {}
+    for key in (OOD_SCORE_KEY, ABSTAIN_KEY):
+        if key in response.outputs:
+            try:
+                decoded[key] = to_ndarray(response.outputs[key])
+            except (TypeError, ValueError) as error:
+                raise BackendError(f"TensorFlow Serving returned an unreadable {key!r}: {error}") from None
+    return decoded
 
 
 class TFServingBackend:
@@ -126,6 +170,9 @@ class TFServingBackend:
         breaker_failures: int = 5,
         breaker_open_s: float = 2.0,
         retry_budget_ratio: float = 0.1,
+        labels_dir: str | Path | None = None,
+        poll_interval_s: float = 2.0,
+        rng: random.Random | None = None,
     ) -> None:
         self.address = address
         self.model_name = model_name
@@ -143,6 +190,15 @@ class TFServingBackend:
         self._budget = RetryBudget(retry_budget_ratio)
         self.breaker = CircuitBreaker(breaker_failures, breaker_open_s, on_state_change=self._breaker_changed)
         metrics.BREAKER_STATE.labels(backend=self.kind).set(0)
+        # Stable and canary (serving/canary.py): labels.json in MODEL_BASE/<name> (the volume TF Serving
+        # reads) picks the version label each request carries; TF Serving resolves it through its
+        # models.config's version_labels. No labels.json (or no labels_dir): no label, TF Serving's latest.
+        self._labels_file = LabelsFile(Path(labels_dir)) if labels_dir is not None else None
+        self._labels: Labels | None = None
+        self._labels_read_at = -float("inf")
+        self.poll_interval_s = poll_interval_s
+        self._router = Router(rng)
+        self._comparisons = Comparisons()
 
     def _breaker_changed(self, state: str) -> None:
         metrics.BREAKER_STATE.labels(backend=self.kind).set(_BREAKER_LEVELS[state])
@@ -159,12 +215,15 @@ class TFServingBackend:
     ) -> tuple[prediction_service_pb2_grpc.PredictionServiceStub, model_service_pb2_grpc.ModelServiceStub]:
         with self._lock:
             if self._channel is None or self._pid != os.getpid():
-                self._channel = open_channel(
-                    self.address,
-                    channel_options(
-                        max_message_bytes=MAX_MESSAGE_BYTES, min_connect_timeout_ms=MIN_CONNECT_TIMEOUT_MS
-                    ),
-                    **self._tls,
+                # With tracing on (serving/tracing.py), each call gets a client span and a traceparent.
+                self._channel = tracing.traced_channel(
+                    open_channel(
+                        self.address,
+                        channel_options(
+                            max_message_bytes=MAX_MESSAGE_BYTES, min_connect_timeout_ms=MIN_CONNECT_TIMEOUT_MS
+                        ),
+                        **self._tls,
+                    )
                 )
                 self._pid = os.getpid()
             return (
@@ -189,13 +248,14 @@ class TFServingBackend:
         # What this call says about the server, for the breaker: False for UNAVAILABLE (down, or
         # shedding load), True for any answer, None (neutral) for timeouts.
         healthy: bool | None = None
+        metadata = _request_metadata()  # every attempt carries the request's id
         try:
             for attempt in range(len(RETRY_BACKOFF_S) + 1):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise BackendTimeout(f"TensorFlow Serving did not answer within {budget_s:g} s")
                 try:
-                    response = method(request, timeout=remaining)
+                    response = method(request, timeout=remaining, metadata=metadata)
                 except grpc.RpcError as error:
                     code, details = error.code(), error.details() or ""
                     if code == grpc.StatusCode.UNAVAILABLE and not is_shedding(code, details):
@@ -245,18 +305,116 @@ class TFServingBackend:
             _log(logging.WARNING, "%s within %g s: %s", where, budget_s, details)
             return BackendTimeout(f"TensorFlow Serving did not answer within {budget_s:g} s")
         _log(logging.WARNING, "%s: %s", where, details)
+        if code == grpc.StatusCode.INVALID_ARGUMENT and "version label" in details:
+            # server_core.cc: "Unrecognized servable version label: canary" (or labels not allowed).
+            return UnknownVersionLabel(
+                f"TensorFlow Serving has no version label the gateway's labels.json names for model "
+                f"{self.model_name!r}: write labels with `python -m trainer.export promote|rollback|canary "
+                "--serving-config` so its models.config's version_labels match, and start it with "
+                "--allow_version_labels_for_unavailable_models"
+            )
         if code == grpc.StatusCode.NOT_FOUND:
             return BackendUnavailable(
                 f"TensorFlow Serving has no servable version of model {self.model_name!r}"
             )
         return RPCFailed(f"TensorFlow Serving answered {code.name}", code, details)
 
+    def labels(self) -> Labels | None:
+        """labels.json's labels, re-read at most once per poll interval (a stat when unchanged)."""
+        if self._labels_file is None:
+            return None
+        now = time.monotonic()
+        if now - self._labels_read_at >= self.poll_interval_s:
+            self._labels_read_at = now
+            self._labels = self._labels_file.read()
+        return self._labels
+
     def predict(self, images: np.ndarray, *, timeout_s: float | None = None) -> Prediction:
-        """Probabilities for uint8 [N, 32, 32, 3]; timeout_s caps the configured deadline."""
+        """Probabilities for uint8 [N, 32, 32, 3]; timeout_s caps the configured deadline.
+
+        With labels.json, the request asks TF Serving for version_label "stable", or "canary" for
+        canary_percent of requests (split); in shadow mode the user gets stable's answer and the
+        canary runs on a copy afterwards, in the background (dropped under load)."""
+        labels = self.labels()
+        if labels is None:
+            return self._predict_as(images, timeout_s, None, None)
+        chosen = self._router.canary_chosen(labels)
+        if chosen and labels.mode == SPLIT:
+            try:
+                prediction = self._predict_as(images, timeout_s, CANARY, labels.canary)
+            except UnknownVersionLabel:  # TF Serving has not read the canary label yet: stable answers
+                self._label_unknown(CANARY, "stable")
+                return self._predict_stable(images, timeout_s, labels)
+            self._compare_later(images, prediction, STABLE, labels.stable, CANARY)
+            return prediction
+        prediction = self._predict_stable(images, timeout_s, labels)
+        if chosen:
+            self._compare_later(images, prediction, CANARY, labels.canary, SHADOW)
+        return prediction
+
+    def _predict_stable(self, images: np.ndarray, timeout_s: float | None, labels: Labels) -> Prediction:
+        try:
+            return self._predict_as(images, timeout_s, STABLE, labels.stable)
+        except UnknownVersionLabel:
+            # Labels newly adopted and TF Serving's models.config not re-read yet: rather than fail
+            # every request, ask without a label (TF Serving's latest loaded version), as before labels.
+            self._label_unknown(STABLE, "its latest version")
+            return self._predict_as(images, timeout_s, None, None)
+
+    def _label_unknown(self, label: str, instead: str) -> None:
+        metrics.VERSION_LABEL_UNKNOWN.labels(label=label).inc()
+        _log(
+            logging.WARNING,
+            "TensorFlow Serving does not know version label %r of model %r (yet: it re-reads its "
+            "models.config every poll); answered with %s instead",
+            label,
+            self.model_name,
+            instead,
+        )
+
+    def _predict_as(
+        self,
+        images: np.ndarray,
+        timeout_s: float | None,
+        label: str | None,
+        version: int | None,
+        role: str = "",
+    ) -> Prediction:
+        """One Predict asking for `label` (None: TF Serving's latest), with per-version metrics."""
+        role = role or label or STABLE
+        started = time.monotonic()
+        try:
+            prediction = self._predict_labelled(images, timeout_s, label)
+        except Exception:
+            observe(version, role, time.monotonic() - started, ok=False)
+            raise
+        observe(prediction.model_version, role, time.monotonic() - started, ok=True)
+        return prediction
+
+    def _compare_later(
+        self, images: np.ndarray, answered: Prediction, label: str, version: int | None, role: str
+    ) -> None:
+        """Predict `label` on a copy of `images` in the background and record the top-1 agreement of
+        the non-stable answer with stable's (role canary: `label` is stable, re-run for comparison)."""
+        rows = np.array(images, copy=True)
+
+        def work() -> None:
+            if role == CANARY:  # the canary answered; stable's answer is the reference, not traffic
+                stable = self._predict_labelled(rows, self.deadline_s, STABLE)
+                record_agreement(answered.model_version, CANARY, stable.probabilities, answered.probabilities)
+            else:
+                shadow = self._predict_as(rows, self.deadline_s, label, version, role=SHADOW)
+                record_agreement(shadow.model_version, SHADOW, answered.probabilities, shadow.probabilities)
+
+        self._comparisons.submit(work)
+
+    def _predict_labelled(self, images: np.ndarray, timeout_s: float | None, label: str | None) -> Prediction:
         predict_stub, _ = self._stubs()
         request = predict_pb2.PredictRequest()
         request.model_spec.name = self.model_name
         request.model_spec.signature_name = self.signature_name
+        if label is not None:  # resolved by TF Serving through its models.config's version_labels
+            request.model_spec.version_label = label
         request.inputs[IMAGES_KEY].CopyFrom(to_tensor_proto(np.asarray(images, dtype=np.float32)))
         response = self._call(predict_stub.Predict, request, timeout_s)
         try:
@@ -276,6 +434,7 @@ class TFServingBackend:
             class_names=class_names,
             model_name=response.model_spec.name or self.model_name,
             model_version=int(response.model_spec.version.value),
+            **ood_fields(optional_outputs(response), len(images)),  # absent for older versions
         )
 
     def explain(
@@ -285,8 +444,15 @@ class TFServingBackend:
         timeout_s caps the configured deadline."""
         predict_stub, _ = self._stubs()
         request = explain_request(self.model_name, images, class_index)
+        if self.labels() is not None:  # explanations come from the version users get: stable
+            request.model_spec.version_label = STABLE
         try:
-            response = self._call(predict_stub.Predict, request, timeout_s)
+            try:
+                response = self._call(predict_stub.Predict, request, timeout_s)
+            except UnknownVersionLabel:  # not in TF Serving's models.config yet: its latest, as predict
+                self._label_unknown(STABLE, "its latest version")
+                request.model_spec.ClearField("version_label")
+                response = self._call(predict_stub.Predict, request, timeout_s)
         except RPCFailed as error:
             if is_missing_signature(BackendError(f"{error.code.name}: {error.details}")):
                 raise unsupported(
@@ -313,7 +479,9 @@ class TFServingBackend:
             return ModelStatus(
                 False, self.model_name, None, None, f"no version AVAILABLE ({states or 'none'})"
             )
-        version = max(available)
+        labels = self.labels()
+        # With labels the stable version is the one served to users (max would be the canary).
+        version = labels.stable if labels is not None and labels.stable in available else max(available)
         if self._class_names is None:
             # Class names travel only with predictions; one probe image learns them once.
             try:
@@ -338,6 +506,7 @@ class TFServingBackend:
         return ModelStatus(True, self.model_name, version, self._class_names, detail, failed)
 
     def close(self) -> None:
+        self._comparisons.close()
         with self._lock:
             if self._channel is not None:
                 self._channel.close()

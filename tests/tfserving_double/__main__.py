@@ -26,6 +26,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--all-versions", action="store_true", help="serve every version, not only the latest"
     )
+    parser.add_argument(
+        "--model-config-file", type=Path, help="TF Serving's models.config (policies, version_labels)"
+    )
+    parser.add_argument(
+        "--allow-version-labels-for-unavailable-models",
+        action="store_true",
+        help="as the server flag: a new label may name a version that is not loaded yet",
+    )
     parser.add_argument("--delay", type=float, default=0.0, help="seconds every RPC waits before answering")
     parser.add_argument("--control", type=Path, help="JSON file with 'down' and 'delay', re-read on change")
     return parser.parse_args(argv)
@@ -57,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         poll_interval_s=args.poll_interval,
         all_versions=args.all_versions,
+        model_config=args.model_config_file,
+        allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
     )
     double.set_delay(args.delay)
     stop = threading.Event()

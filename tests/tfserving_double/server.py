@@ -8,6 +8,8 @@ Failure controls for client and gateway tests:
     counts the RPCs received, so retry policies can be checked attempt by attempt.
   * `shed_next(n)` answers the next n RPCs UNAVAILABLE with the real batching queue's "is full"
     message: TF Serving shedding load, which callers must not retry.
+  * `received` lists the calls received with their gRPC metadata (tests/tfserving_double/recording.py),
+    e.g. the gateway's `x-request-id` and `traceparent`.
   * `tls_key_and_cert` serves TLS only; with `tls_client_ca` too, clients must present a certificate
     that CA signed (mutual TLS), as TF Serving's --ssl_config_file with client_verify does.
 """
@@ -22,6 +24,7 @@ import grpc
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
 from tests.tfserving_double.models import ModelRegistry
+from tests.tfserving_double.recording import MetadataRecorder, ReceivedCall
 from tests.tfserving_double.services import Faults, ModelServicer, PredictionServicer
 
 # The real server accepts large batches; grpc's 4 MiB default would reject them first.
@@ -37,11 +40,20 @@ class TFServingDouble:
         port: int = 0,
         poll_interval_s: float = 0.5,
         all_versions: bool = False,
+        model_config: str | Path | None = None,
+        allow_version_labels_for_unavailable_models: bool = False,
         workers: int = 8,
         tls_key_and_cert: tuple[bytes, bytes] | None = None,
         tls_client_ca: bytes | None = None,
     ) -> None:
-        self.registry = ModelRegistry(Path(model_base), all_versions=all_versions)
+        # model_config: TF Serving's --model_config_file (models, policies, version_labels), re-read
+        # on every poll; without it the double serves model_base's directories, latest version only.
+        self.registry = ModelRegistry(
+            Path(model_base),
+            all_versions=all_versions,
+            model_config=Path(model_config) if model_config is not None else None,
+            allow_version_labels_for_unavailable_models=allow_version_labels_for_unavailable_models,
+        )
         self.host = host
         self.port = port
         self.poll_interval_s = poll_interval_s
@@ -49,6 +61,7 @@ class TFServingDouble:
         self._tls = tls_key_and_cert  # PEM private key and certificate chain: serve TLS only
         self._tls_client_ca = tls_client_ca  # PEM CA: require client certificates it signed
         self.faults = Faults()
+        self.recorder = MetadataRecorder()  # kept across set_down: one record for the double's life
         self._server: grpc.Server | None = None
         self._stop_polling = threading.Event()
         self._poller: threading.Thread | None = None
@@ -105,6 +118,11 @@ class TFServingDouble:
     def calls(self) -> int:
         return self.faults.calls
 
+    @property
+    def received(self) -> list[ReceivedCall]:
+        """The calls received so far (the newest 1000), oldest first, with their metadata."""
+        return self.recorder.calls()
+
     def _start_server(self) -> None:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="tfserving-double"),
@@ -112,6 +130,7 @@ class TFServingDouble:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
+            interceptors=[self.recorder],
         )
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionServicer(self.registry, self.faults), server

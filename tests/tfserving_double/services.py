@@ -34,18 +34,19 @@ def _model_spec(request):
     return request.model_spec
 
 
-def _servable_request(model_spec) -> tuple[str, int | None]:
-    """server_core.cc ServableRequestFromModelSpec (Predict and GetModelMetadata; not GetModelStatus)."""
+def _servable_request(model_spec, registry: ModelRegistry) -> tuple[str, int | None]:
+    """server_core.cc ServableRequestFromModelSpec (Predict and GetModelMetadata; not GetModelStatus).
+
+    `version` and `version_label` are one proto oneof (version_choice): a spec carries at most one of
+    them (setting one clears the other, and on the wire the last one sent wins)."""
     if not model_spec.name:
         raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "ModelSpec has no name specified.")
-    if model_spec.WhichOneof("version_choice") == "version_label":
-        # Labels live in a model config file; this double serves a bare base directory, so its
-        # label map is empty and every label is unknown (GetModelVersionForLabel).
-        raise ServingError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"Unrecognized servable version label: {model_spec.version_label}",
-        )
-    return model_spec.name, (model_spec.version.value if model_spec.HasField("version") else None)
+    choice = model_spec.WhichOneof("version_choice")
+    if choice == "version_label":
+        # Resolved through the models.config's version_labels (an empty map without a config file):
+        # then served as ServableRequest::Specific(name, version).
+        return model_spec.name, registry.version_for_label(model_spec.name, model_spec.version_label)
+    return model_spec.name, (model_spec.version.value if choice == "version" else None)
 
 
 def _truncated(message: str) -> str:
@@ -107,7 +108,7 @@ class _Base:
 class PredictionServicer(_Base, prediction_service_pb2_grpc.PredictionServiceServicer):
     def Predict(self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext):
         def work() -> predict_pb2.PredictResponse:
-            name, version = _servable_request(_model_spec(request))
+            name, version = _servable_request(_model_spec(request), self._registry)
             servable = self._registry.get(name, version)
             outputs = servable.predict(
                 request.model_spec.signature_name, request.inputs, request.output_filter
@@ -141,7 +142,7 @@ class PredictionServicer(_Base, prediction_service_pb2_grpc.PredictionServiceSer
                     raise ServingError(
                         grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field %s is not supported{field}"
                     )
-            name, version = _servable_request(model_spec)
+            name, version = _servable_request(model_spec, self._registry)
             servable = self._registry.get(name, version)
             signature_map = get_model_metadata_pb2.SignatureDefMap()
             for key, signature in servable.signature_defs.items():

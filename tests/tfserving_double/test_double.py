@@ -112,7 +112,7 @@ def test_output_filter_limits_outputs(predict_stub, tfserving_double):
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details() == (
         "output tensor alias not found in signature: logits "
-        "Outputs expected to be in the set {classes,probabilities}."
+        "Outputs expected to be in the set {abstain,classes,ood_score,probabilities}."
     )
 
 
@@ -306,7 +306,8 @@ def test_model_metadata_carries_signature_defs(predict_stub, tfserving_double):
     assert response.metadata["signature_def"].Unpack(signatures)
     assert signatures.signature_def["serving_default"].inputs["images"].dtype == tf.float32.as_datatype_enum
     assert signatures.signature_def["serving_bytes"].inputs["image_bytes"].dtype == tf.string.as_datatype_enum
-    assert set(signatures.signature_def["serving_bytes"].outputs) == {"probabilities", "classes"}
+    outputs = set(signatures.signature_def["serving_bytes"].outputs)
+    assert outputs == {"probabilities", "classes", "ood_score", "abstain"}
 
 
 def test_metadata_fields_are_checked_before_the_model(predict_stub, tfserving_double):
