@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from flask import Flask, Response, g, request, send_from_directory
 
-from serving import admin, api, auth, context, deadline, explain, health, metrics, request_id
+from serving import admin, api, auth, context, deadline, explain, health, metrics, request_id, tracing
 from serving.backends.base import Backend
 from serving.config import Settings
 from serving.errors import register_error_handlers
@@ -38,6 +38,9 @@ def make_backend(settings: Settings) -> Backend:
             breaker_failures=settings.breaker_failures,
             breaker_open_s=settings.breaker_open_s,
             retry_budget_ratio=settings.retry_budget_ratio,
+            # labels.json (stable/canary, serving/canary.py) sits in the model volume TF Serving reads.
+            labels_dir=settings.model_base_path / settings.model_name,
+            poll_interval_s=settings.poll_interval_s,
         )
     from serving.backends.embedded import EmbeddedBackend
 
@@ -63,6 +66,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     context.install(app, settings, backend)
     # First of the before_requests: everything after it (and its errors) can name the request id.
     request_id.install(app)
+    # Off by default; with tracing on, a span per request, children per gRPC call (serving/tracing.py).
+    tracing.install(app, settings)
     deadline.install(app)  # the request deadline starts here (serving/deadline.py)
     admin.install(app, settings)  # /metrics, /readyz on GATEWAY_ADMIN_BIND only (serving/admin.py)
 

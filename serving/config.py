@@ -76,6 +76,18 @@ class Settings:
     # GATEWAY_ADMIN_BIND (host:port): /metrics and /readyz answer only there (serving/admin.py), /healthz
     # on both; None keeps them on the public port (`make serve` on 127.0.0.1).
     admin_bind: str | None = None
+    # OpenTelemetry tracing (serving/tracing.py, the `tracing` extra; docs/deploy.md, "Tracing"): None =
+    # off (the default); on with GATEWAY_OTEL=1 or OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_SERVICE_NAME: where
+    # spans go, "otlp-http", "otlp-grpc", "console" or "none" (from OTEL_TRACES_EXPORTER and
+    # OTEL_EXPORTER_OTLP_PROTOCOL).
+    tracing_exporter: str | None = None
+    # Prediction sampling (serving/sampling.py; docs/deploy.md, "Prediction sampling and drift"): the
+    # share of /v1/predict requests whose 32x32 inputs and answers are kept in GATEWAY_SAMPLE_DIR for
+    # relabelling and drift checks. 0 (the default, `make serve`) keeps nothing and creates no file.
+    sample_rate: float = 0.0
+    sample_dir: Path | None = None
+    sample_max_records: int = 10_000  # images kept, newest first (about 4.2 KB each on disk)
+    sample_retention_hours: float = 72.0  # older records are deleted
 
     @property
     def admin_port(self) -> int | None:
@@ -186,6 +198,8 @@ class Settings:
             **_access(env),
             **_slow_clients(read, d),
             admin_bind=_admin_bind(env),
+            tracing_exporter=_tracing_exporter(env),
+            **_sampling(read, env, d),
         )
 
 
@@ -198,6 +212,71 @@ def _slow_clients(read: Callable[..., Any], d: Settings) -> dict[str, float]:
             lambda v: v > 0,
         )  # fmt: skip
     return out
+
+
+def _sampling(read: Callable[..., Any], env: Mapping[str, str], d: Settings) -> dict[str, Any]:
+    """GATEWAY_SAMPLE_RATE, GATEWAY_SAMPLE_DIR, GATEWAY_SAMPLE_MAX_RECORDS, GATEWAY_SAMPLE_RETENTION_HOURS."""
+    rate = read(
+        "GATEWAY_SAMPLE_RATE", float, d.sample_rate,
+        "a share of requests within 0..1, e.g. 0.01 (0 turns sampling off)", lambda v: 0 <= v <= 1,
+    )  # fmt: skip
+    raw_dir = env.get("GATEWAY_SAMPLE_DIR", "").strip()
+    if rate > 0 and not raw_dir:
+        # Stored inputs are users' images: where they go is never left to a default.
+        raise ConfigError(
+            f"GATEWAY_SAMPLE_DIR is not set but GATEWAY_SAMPLE_RATE={rate:g} asks to keep requests: set "
+            "GATEWAY_SAMPLE_DIR to a writable directory for the sample, or GATEWAY_SAMPLE_RATE=0"
+        )
+    return {
+        "sample_rate": rate,
+        "sample_dir": Path(raw_dir) if raw_dir else None,
+        "sample_max_records": read(
+            "GATEWAY_SAMPLE_MAX_RECORDS", int, d.sample_max_records, "an integer >= 1 (images kept)",
+            lambda v: v >= 1,
+        ),
+        "sample_retention_hours": read(
+            "GATEWAY_SAMPLE_RETENTION_HOURS", float, d.sample_retention_hours,
+            "hours > 0 a record is kept, e.g. 72", lambda v: v > 0,
+        ),
+    }  # fmt: skip
+
+
+_TRUE = ("1", "true", "on", "yes")
+_FALSE = ("0", "false", "off", "no")
+# Setting any of these (the OpenTelemetry SDK's own variables) asks for tracing, as it does for
+# applications run under opentelemetry-instrument.
+_OTEL_SWITCHES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SERVICE_NAME")
+
+
+def _tracing_exporter(env: Mapping[str, str]) -> str | None:
+    """GATEWAY_OTEL and the standard OTEL_* variables: None (tracing off) or where spans go."""
+    switch = env.get("GATEWAY_OTEL", "").strip().lower()
+    if switch and switch not in _TRUE + _FALSE:
+        raise ConfigError(
+            f"GATEWAY_OTEL={switch!r} is not valid: expected 1 (trace with OpenTelemetry) or 0 (do not, "
+            "even when OTEL_* variables are set)"
+        )
+    if switch in _FALSE or env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    if switch not in _TRUE and not any(env.get(name, "").strip() for name in _OTEL_SWITCHES):
+        return None
+    exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower() or "otlp"
+    if exporter in ("console", "none"):
+        return exporter
+    if exporter != "otlp":
+        raise ConfigError(
+            f"OTEL_TRACES_EXPORTER={exporter!r} is not valid for the gateway: expected one of otlp (the "
+            "default), console or none"
+        )
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        protocol = env.get(name, "").strip().lower()
+        if protocol:
+            if protocol not in ("http/protobuf", "grpc"):
+                raise ConfigError(
+                    f"{name}={protocol!r} is not valid: expected http/protobuf (the default) or grpc"
+                )
+            return "otlp-grpc" if protocol == "grpc" else "otlp-http"
+    return "otlp-http"
 
 
 def _admin_bind(env: Mapping[str, str]) -> str | None:

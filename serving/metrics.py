@@ -95,3 +95,75 @@ RATE_LIMITED = Counter(
 API_KEY_RELOADS = Counter(
     "gateway_api_key_reloads_total", "Reloads of the API keys file, by result (ok, error)", ["result"]
 )
+
+# Stable and canary versions (serving/canary.py). `version` is a model version number (a handful
+# are live at once), `role` one of stable | canary | shadow: what the version did for the request.
+VERSION_REQUESTS = Counter(
+    "gateway_version_requests_total", "Prediction calls by model version and role", ["version", "role"]
+)
+VERSION_ERRORS = Counter(
+    "gateway_version_errors_total", "Failed prediction calls by model version and role", ["version", "role"]
+)
+VERSION_SECONDS = Histogram(
+    "gateway_version_seconds",
+    "Model call latency by model version and role",
+    ["version", "role"],
+    buckets=_LATENCY_BUCKETS,
+)
+# Top-1 agreement with stable = agreed / compared, per canary or shadow version.
+VERSION_COMPARED = Counter(
+    "gateway_version_compared_total",
+    "Images whose top-1 class was compared with the stable version's",
+    ["version", "role"],
+)
+VERSION_AGREED = Counter(
+    "gateway_version_agreed_total",
+    "Images whose top-1 class matched the stable version's",
+    ["version", "role"],
+)
+SHADOW_DROPPED = Counter(
+    "gateway_shadow_dropped_total", "Background comparisons (shadow or canary) dropped under load"
+)
+
+# Prediction sampling (serving/sampling.py). Losses never fail a request; reason: queue_full (the
+# writer fell behind), write_failed (disk full, unwritable GATEWAY_SAMPLE_DIR), bad_prediction,
+# record_failed. Counted in images.
+SAMPLE_RECORDS = Counter("gateway_sample_records_total", "Images written to the prediction sample")
+SAMPLE_ERRORS = Counter(
+    "gateway_sample_errors_total", "Sampled images that were not stored, by reason", ["reason"]
+)
+
+# Drift (serving/drift_metrics.py): what the served versions answer, every predicted image counted.
+# Class share = a class's rate / all classes' rate; abstain rate = abstained / all predicted, per
+# `version` (the model version number; a handful are live at once).
+PREDICTED_CLASS = Counter(
+    "gateway_predicted_class_total",
+    "Predicted images by top class and model version",
+    ["version", "class_name"],
+)
+CONFIDENCE = Histogram(
+    "gateway_prediction_confidence",
+    "Top-class probability of each predicted image, by model version",
+    ["version"],
+    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+)
+# ood_score: higher = less like the training classes (trainer/export/ood.py). The buckets cover each
+# score the export may choose: energy (negative), 1 - max softmax (0..1) and the squared Mahalanobis
+# distance (positive, growing with the feature width). Only versions exported with it count.
+OOD_SCORE = Histogram(
+    "gateway_ood_score",
+    "Out-of-distribution score of each predicted image, by model version",
+    ["version"],
+    buckets=(-50, -25, -15, -10, -5, -2, 0, 0.1, 0.25, 0.5, 0.75, 1, 2, 5, 10, 25, 50, 100, 250, 500,
+             1000, 2500, 5000),
+)
+ABSTAINED = Counter(
+    "gateway_abstained_total",
+    "Predicted images answered with abstain (not sure), by model version",
+    ["version"],
+)
+VERSION_LABEL_UNKNOWN = Counter(
+    "gateway_version_label_unknown_total",
+    "Requests TF Serving refused for an unknown version label, answered by stable (or its latest) instead",
+    ["label"],
+)
