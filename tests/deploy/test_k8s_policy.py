@@ -231,3 +231,15 @@ def test_every_image_is_set_in_one_place_and_tagged_with_the_release(workloads: 
         if name.endswith(("/cifar10-trainer", "/cifar10-gateway")):
             assert tag == version, f"{where}: our images carry the project version {version}, not {tag}"
             assert f"{name.rsplit('/', 1)[1]}:{version}" in compose_images, f"compose.yaml: {name}:{version}"
+
+
+def test_gateway_reads_the_model_claim_read_only_for_its_labels(docs: list[dict]) -> None:
+    # labels.json (stable/canary) lives in the model base; without it the gateway could not tell TF
+    # Serving which version_label a request goes to, and the newest loaded version would answer all.
+    spec = manifests.pod_spec(manifests.find(docs, "Deployment", "gateway"))
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    gateway = next(c for c in spec["containers"] if c["name"] == "gateway")
+    mount = next(m for m in gateway["volumeMounts"] if m["mountPath"] == "/models")
+    claim = volumes[mount["name"]]["persistentVolumeClaim"]
+    assert mount.get("readOnly") is True and claim["claimName"] == "cifar10-models"
+    assert claim.get("readOnly") is True
