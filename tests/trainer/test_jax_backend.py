@@ -71,9 +71,15 @@ def test_a_jax_trained_run_exports_and_serves_the_same_probabilities(jax_run, re
 
     run_dir, jax_probabilities = jax_run
     path = publish(run_dir, tmp_path / "models", "cifar10")
-    assert read_model_card(path)["training_environment"]["keras_backend"] == "jax"
+    card = read_model_card(path)
+    assert card["training_environment"]["keras_backend"] == "jax"
     with TFServingSession.load(path) as session:
         served = session.run("serving_default", {"images": reference_pixels})["probabilities"]
+    # The export serves softmax(logits / T) with the temperature it fitted; softmax(log p / T) is the
+    # same thing computed from the JAX model's own probabilities.
+    scaled = np.log(jax_probabilities.astype(np.float64)) / card["calibration"]["temperature"]
+    expected = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
     # Same weights, two backends' kernels (XLA on CPU vs TensorFlow's): float32 rounding only.
-    np.testing.assert_allclose(served, jax_probabilities, atol=1e-5)
+    np.testing.assert_allclose(served, expected, atol=1e-5)
     np.testing.assert_array_equal(served.argmax(axis=1), jax_probabilities.argmax(axis=1))
