@@ -43,7 +43,7 @@ from typing import Any
 
 from gunicorn import http
 from gunicorn.http.unreader import IterUnreader
-from gunicorn.workers.gthread import TConn, ThreadWorker
+from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 from serving.config import Settings
 
@@ -243,6 +243,7 @@ class BufferedThreadWorker(ThreadWorker):
         self._reading: dict[TConn, _Reading] = {}
         self._leftover: dict[TConn, bytes] = {}  # pipelined bytes read past a request
         self._continue_sent: set[TConn] = set()
+        self._stop_capped = False  # head deadlines capped once the worker began to stop
         super().init_process()
 
     # --- reading in the event loop -----------------------------------------------------------
@@ -331,13 +332,21 @@ class BufferedThreadWorker(ThreadWorker):
         """Besides gthread's own pending connections, close those whose request is late."""
         super().murder_pending()
         now = time.monotonic()
+        if not self.alive and not self._stop_capped:
+            # Stopping: a connection accepted before the signal may still be sending its head (the
+            # client cannot know we are stopping, and a POST dropped unanswered is not retried).
+            # Give it what gunicorn gives kept-alive connections, STOP_KEEPALIVE_LINGER, then close;
+            # bodies already under way keep their per-read deadline. Answers go out with
+            # "Connection: close" (gthread stops keep-alive once not alive).
+            self._stop_capped = True
+            linger_until = now + STOP_KEEPALIVE_LINGER
+            for reading in self._reading.values():
+                if not reading.framer.head_done:
+                    reading.deadline = min(reading.deadline, linger_until)
         for conn, reading in list(self._reading.items()):
-            late = reading.deadline <= now
-            # A stopping worker answers requests already whole, not ones still arriving.
-            stopping = not self.alive and not reading.framer.head_done
-            if late or stopping:
+            if reading.deadline <= now:
                 got_bytes = bool(reading.framer.buf)
-                self._drop(conn, _timeout_response() if late and got_bytes else None)
+                self._drop(conn, _timeout_response() if got_bytes else None)
 
     def finish_request(self, conn: TConn, fs: Any) -> None:
         self._continue_sent.discard(conn)

@@ -3,16 +3,18 @@
 First the framing (where a request ends, fed in pieces), then the worker under real gunicorn with a
 small echo app (tests/fixtures/echo_wsgi.py) and 1 worker x 2 threads: ordinary HTTP/1.1 still works
 (keep-alive, pipelining, chunked bodies, Expect: 100-continue), slow clients do not take threads, and
-they are cut off at their deadlines. The drill with the real gateway and nginx is
+they are cut off at their deadlines; a stopping worker still answers what it accepted. The drill with the real gateway and nginx is
 tests/drills/test_slow_clients.py.
 """
 
 from __future__ import annotations
 
 import hashlib
+import signal
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
@@ -219,3 +221,48 @@ def test_slow_clients_are_cut_off_at_their_deadlines(echo_server: GatewayProcess
     finally:
         for sock in (trickling_head, paused_body, steady_body):
             sock.close()
+
+
+@pytest.mark.slow
+def test_a_stopping_worker_answers_connections_it_accepted(tmp_path: Path) -> None:
+    """SIGTERM (a rollout) arrives after the worker accepted connections whose requests are not
+    whole yet: each request that arrives within the linger is answered, with "Connection: close";
+    an idle connection is closed; the worker exits long before its graceful timeout."""
+    log_dir = tmp_path / "log"
+    with running_gateway(
+        {}, workers=1, threads=2, app="tests.fixtures.echo_wsgi:app", probe_path="/", log_dir=log_dir
+    ) as gateway:
+        worker = gateway.workers()[0]
+        nothing_yet, half_head, half_body, idle = (
+            socket.create_connection(("127.0.0.1", gateway.port), timeout=10) for _ in range(4)
+        )
+        try:
+            half_head.sendall(b"POST /h HTTP/1.1\r\nHost: t\r\n")
+            half_body.sendall(HEAD + b"he")
+            deadline = time.monotonic() + 10
+            while len(worker.net_connections("tcp")) < 4 + 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(worker.net_connections("tcp")) == 4 + 1, "the worker did not accept all four"
+            stop = time.monotonic()
+            gateway.process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            nothing_yet.sendall(b"GET /n HTTP/1.1\r\nHost: t\r\n\r\n")
+            half_head.sendall(b"Content-Length: 3\r\n\r\nabc")
+            half_body.sendall(b"llo")
+            replies = []
+            for sock in (nothing_yet, half_head, half_body):
+                reply = b""
+                while chunk := sock.recv(65536):
+                    reply += chunk
+                replies.append(reply)
+            assert idle.recv(100) == b""  # closed, not answered
+            gateway.process.wait(timeout=30)
+            stopped_after = time.monotonic() - stop
+        finally:
+            for sock in (nothing_yet, half_head, half_body, idle):
+                sock.close()
+    for reply, path in zip(replies, (b'"/n"', b'"/h"', b'"/x"'), strict=True):
+        assert reply.startswith(b"HTTP/1.1 200 OK"), reply[:200]
+        assert path in reply and b"connection: close" in reply.lower()
+    assert gateway.process.returncode == 0
+    assert stopped_after < 10
