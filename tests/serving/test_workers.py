@@ -3,8 +3,8 @@
 First the framing (where a request ends, fed in pieces), then the worker under real gunicorn with a
 small echo app (tests/fixtures/echo_wsgi.py) and 1 worker x 2 threads: ordinary HTTP/1.1 still works
 (keep-alive, pipelining, chunked bodies, Expect: 100-continue), slow clients do not take threads, and
-they are cut off at their deadlines; a stopping worker still answers what it accepted. The drill with the real gateway and nginx is
-tests/drills/test_slow_clients.py.
+they are cut off at their deadlines; a stopping worker still answers what it accepted. The drill
+with the real gateway and nginx is tests/drills/test_slow_clients.py.
 """
 
 from __future__ import annotations
