@@ -53,9 +53,7 @@ lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 
 test: $(TEST_STAMP)
-	@bash scripts/ensure-chromium.sh
-	@bash scripts/ensure-nginx.sh  # the slow-client drill runs the shipped nginx config
-	@bash scripts/ensure-hey.sh  # tests/test_benchmark_report.py reads real hey output
+	@bash scripts/ensure-debian-packages.sh chromium 'nginx!' hey
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -73,7 +71,7 @@ bench-small-data: $(BENCH_STAMP)
 # The model the default profile trains, bare and behind the gateway, the naive app, TF Serving's double
 # (about 5 minutes); then whether batch-norm folding or freezing speeds the served graph.
 bench-serve: $(BENCH_STAMP)
-	@bash scripts/ensure-hey.sh
+	@bash scripts/ensure-debian-packages.sh 'hey!'
 	$(PY) -m benchmarks.serving_latency --out benchmarks/results/serving_latency.json
 	$(PY) -m benchmarks.bn_folding --out benchmarks/results/bn_folding.json
 
