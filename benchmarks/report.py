@@ -22,6 +22,10 @@ from typing import Any
 RESULTS = Path("benchmarks/results")
 OUT = Path("docs/benchmarks.md")
 GPU_RESULTS = "gpu_*.json"  # a GPU training run's results, when one exists
+# The prepared GPU benchmark (benchmarks/gpu_train.py, run by scripts/gpu-bench.sh on a lent machine):
+# the profiles it trains, as (name, config, seeds); its rows say "not measured on a GPU" until it ran.
+GPU_TRAIN = "gpu_train.json"
+GPU_TRAIN_PROFILES = (("airbench94", "configs/airbench94.yaml", 5), ("default", "configs/default.yaml", 1))
 
 
 def met(ok: bool) -> str:
@@ -216,7 +220,9 @@ def serving_section(data: dict[str, Any]) -> list[str]:
         "(no HTTP), at each batch size; its best batched images/s is the most this CPU gives for the model.",
         f"The gateway runs under gunicorn as `make serve` starts it ({s['workers']} workers); the naive app",
         "(a Flask route calling Keras `model.predict` per upload, the same model file) under the same",
-        f"gunicorn settings. Load: {s['client']}: each client sends its next request when the answer to",
+        f"gunicorn settings; LitServe (benchmarks/litserve_app.py, {s.get('litserve') or 'not run'}) batches",
+        "the same SavedModel with its own dynamic batching after the same decode and resize.",
+        f"Load: {s['client']}: each client sends its next request when the answer to",
         f"its last arrives, for {s['duration_s']:g} s per level after {s['warmup_s']:g} s not counted.",
         "Errors are answers other than 200 (hey's CSV lists only requests that got an answer).",
         "",
@@ -228,11 +234,12 @@ def serving_section(data: dict[str, Any]) -> list[str]:
     lines += [
         "",
         "\"Of bare\": images/s as a fraction of the bare model's best batched images/s (of its batch-64",
-        "images/s for 64-image requests). \"vs naive\": req/s over the naive app's at the same clients.",
+        "images/s for 64-image requests). \"vs naive\", \"vs LitServe\": req/s over the naive app's, over",
+        "LitServe's, at the same clients.",
         "",
-        "| app | images/request | clients | req/s | images/s | of bare | vs naive | p50 ms | p90 ms | p99 ms "
-        "| errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| app | images/request | clients | req/s | images/s | of bare | vs naive | vs LitServe | p50 ms "
+        "| p90 ms | p99 ms | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["runs"]:
         codes = {c: n for c, n in r["status_codes"].items() if c != "200"}
@@ -240,10 +247,12 @@ def serving_section(data: dict[str, Any]) -> list[str]:
         if codes:
             errors += " (" + ", ".join(f"{n}x {c}" for c, n in codes.items()) + ")"
         vs = f"{r['vs_naive']:.1f}x" if r.get("vs_naive") is not None else "-"
+        vs_lit = f"{r['vs_litserve']:.2f}x" if r.get("vs_litserve") is not None else "-"
         latencies = " | ".join(_opt(r[k], ".1f") for k in ("p50_ms", "p90_ms", "p99_ms"))
         lines.append(
             f"| {r['app']} | {r['images_per_request']} | {r['clients']} | {r['rps']:.1f} "
-            f"| {r['images_per_s']:.0f} | {r['fraction_of_bare']:.0%} | {vs} | {latencies} | {errors} |"
+            f"| {r['images_per_s']:.0f} | {r['fraction_of_bare']:.0%} | {vs} | {vs_lit} | {latencies} "
+            f"| {errors} |"
         )
     lines += ["", "| target (issue 14) | measured | result |", "|---|---|---|"]
     lines += [f"| {t['name']} | {t['text']} | {met(t['met'])} |" for t in data["targets"]]
@@ -304,13 +313,72 @@ def bn_folding_section(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+GPU_TRAIN_HEADER = [
+    "| profile | seeds | mean test accuracy (min..max) | training s, mean | without compile | "
+    "time to 94% | images/s |",
+    "|---|---:|---:|---:|---:|---:|---:|",
+]
+
+
+def gpu_train_section(data: dict[str, Any] | None) -> list[str]:
+    """benchmarks/gpu_train.py's table: per profile, the seeds' mean accuracy (airbench's 6-view TTA for
+    the airbench profile, as its anchor is scored), training time and speed; "not measured on a GPU"
+    rows until a GPU machine ran it, and also when the run it shows had no GPU."""
+    goal = ("Goal: mean test accuracy of at least 94.0% over 5 seeds in at most 30 s of training on one "
+            "H100 (airbench94's anchor: 94.01% in 3.29 s on an A100, PyTorch).")
+    if data is None:
+        lines = ["Prepared, not run: `make bench-gpu-prepare` here, then `scripts/gpu-bench.sh` on a lent "
+                 "GPU machine (README, \"Training fast\"). " + goal, "", *GPU_TRAIN_HEADER]
+        for name, config, seeds in GPU_TRAIN_PROFILES:
+            lines.append(f"| {name} (`{config}`) | {seeds} | not measured on a GPU | | | | |")
+        return lines + [""]
+    m, versions = data["machine"], data["versions"]
+    gpus = m.get("nvidia_smi") or [d["kind"] for d in m.get("devices", [])]
+    machine = (f"{machine_text(m)}; accelerators: {', '.join(gpus) or 'none'}; "
+               f"Keras {versions['keras']} on {versions['backend']} (JAX {versions['jax']})")
+    data_text = data["data"]["dataset"] + (f" ({', '.join(data['data']['overrides'])})"
+                                           if data["data"]["overrides"] else "")
+    seeds = "; ".join(f"{p['name']}: {', '.join(map(str, p['seeds']))}" for p in data["profiles"])
+    lines = [run_line(data["command"], data=data_text, seeds=seeds, machine=machine,
+                      load=load_text(m.get("load_average_1m"), m.get("load_average_1m_end"))), "", goal, ""]
+    if not data["measured_on_gpu"]:
+        lines += ["This run had no GPU: not measured on a GPU (a CPU run of the same code).", ""]
+    lines += GPU_TRAIN_HEADER
+    for p in data["profiles"]:
+        s = p["summary"]
+        if not s.get("runs"):
+            lines.append(f"| {p['name']} (`{p['config']}`) | 0 of {len(p['seeds'])} | not measured | | | | |")
+            continue
+        tta = " (6-view TTA)" if s["accuracy_key"] == "test_accuracy_tta" else ""
+        spread = f"{_percent(s['min_accuracy'])}..{_percent(s['max_accuracy'])}"
+        reach = f"{s['time_to_accuracy_s']:.1f} s" if s["reached_target"] else "not reached"
+        lines.append(
+            f"| {p['name']} (`{p['config']}`) | {s['runs']} of {len(p['seeds'])} | "
+            f"{_percent(s['mean_accuracy'])}{tta} ({spread}) | "
+            f"{s['mean_train_seconds']:.1f} | {s['mean_train_seconds_excluding_compile']:.1f} | {reach} | "
+            f"{s['mean_images_per_second']:,.0f} |"
+        )
+    lines.append("")
+    if data["skipped"]:
+        skipped = ", ".join(f"{s['profile']} seed {s['seed']} ({s['why']})" for s in data["skipped"])
+        lines += [f"Skipped to stay within the time budget: {skipped}.", ""]
+    if not data["complete"]:
+        lines += ["The run did not complete: the figures are those of the runs that finished.", ""]
+    return lines
+
+
 def gpu_section(results: Path) -> list[str]:
-    """GPU training runs, when any wrote results; their layout is the run's own, so shown as recorded."""
+    """GPU training runs, when any wrote results; their layout is the run's own, so shown as recorded
+    (benchmarks/gpu_train.py's as a table)."""
     title = "## GPU training"
     paths = sorted(results.glob(GPU_RESULTS))
     if not paths:
-        return [title, "", f"Not measured on a GPU: no GPU run exists (no `{results / GPU_RESULTS}`).", ""]
+        return [title, "", f"Not measured on a GPU: no GPU run exists (no `{results / GPU_RESULTS}`).", "",
+                *gpu_train_section(None)]
     lines = [title, ""]
+    if (results / GPU_TRAIN).is_file():
+        lines += gpu_train_section(json.loads((results / GPU_TRAIN).read_text()))
+        paths.remove(results / GPU_TRAIN)
     for path in paths:
         data = json.loads(path.read_text())
         m = data.get("machine", {})

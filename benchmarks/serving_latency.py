@@ -15,7 +15,9 @@ One run, one machine, in this order:
    one image each; 64-image requests at 1, 2 and 4 clients.
 4. The naive app (benchmarks/naive_flask.py: Flask calling Keras `model.predict` per upload, the
    same model file) under the same gunicorn settings at 1, 16 and 64 clients.
-5. The gateway with its TF Serving backend pointed at the test double (tests/tfserving_double, its
+5. LitServe (benchmarks/litserve_app.py: its dynamic batching over the same SavedModel, the same
+   decode and resize) at 1, 16 and 64 clients: the off-the-shelf server to lead.
+6. The gateway with its TF Serving backend pointed at the test double (tests/tfserving_double, its
    own process, the same SavedModel) at 1 and 16 clients.
 
 Latencies and status codes are hey's per-request CSV (-o csv); requests started in the first
@@ -33,6 +35,7 @@ import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -65,10 +68,11 @@ BARE_BATCHES = (1, 8, 16, 32, 64)
 GATEWAY_CLIENTS = (1, 4, 16, 64)  # one image per request
 GATEWAY_BATCH_CLIENTS = (1, 2, 4)  # 64 images per request
 NAIVE_CLIENTS = (1, 16, 64)
+LITSERVE_CLIENTS = (1, 16, 64)
 TFSERVING_CLIENTS = (1, 16)
 BATCH_IMAGES = 64
 
-GATEWAY, NAIVE, TFSERVING = "gateway", "naive", "gateway + TF Serving double"
+GATEWAY, NAIVE, TFSERVING, LITSERVE = "gateway", "naive", "gateway + TF Serving double", "LitServe"
 
 # Issue 14's targets, checked in check_targets().
 TARGET_NAIVE_RATIO = 15.0  # 16 clients: gateway req/s over the naive app's
@@ -76,6 +80,10 @@ TARGET_P99_MS = 100.0  # 16 clients
 TARGET_BARE_FRACTION = 0.70  # 16 clients: of the bare model's best batched images/s
 TARGET_BATCH1_SLACK_MS = 3.0  # 1 client: p50 at most bare batch-1 latency + this
 TARGET_BATCH64_FRACTION = 0.80  # 64-image requests: of the bare model's batch-64 images/s
+TARGET_LITSERVE_RATIO = 1.0  # 16 clients: gateway req/s over LitServe's (the developers' guide: lead it)
+# LitServe's batching as its docs write it: up to 64 rows, a 5 ms window (the best of 1 or 2 ms,
+# 5 ms and 10 ms tried by hand on this machine at 16 clients).
+LITSERVE_ARGS = ["--workers", "1", "--max-batch-size", "64", "--batch-timeout-s", "0.005"]
 
 
 # -- the model ---------------------------------------------------------------------------------------
@@ -321,6 +329,49 @@ def measure_naive_app(results: dict, run_dir: Path, body: Path, args: argparse.N
         measure_levels(results, NAIVE, naive.url + "/predict", body, 1, NAIVE_CLIENTS, load)
 
 
+def measure_litserve(results: dict, model_path: Path, body: Path, work: Path, load: Load) -> None:
+    """LitServe on the published version (benchmarks/litserve_app.py), its own processes."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = work / "litserve.log"
+    command = [sys.executable, "-m", "benchmarks.litserve_app", "--model", str(model_path),
+               "--port", str(port), *LITSERVE_ARGS]  # fmt: skip
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, start_new_session=True,
+        )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while not _answers(url + "/health"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"LitServe did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        results["settings"]["litserve"] = " ".join(LITSERVE_ARGS)
+        measure_levels(results, LITSERVE, url + "/predict", body, 1, LITSERVE_CLIENTS, load)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # LitServe's API server and inference workers
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 @contextmanager
 def tfserving_double(model_base: Path, log_path: Path) -> Iterator[str]:
     """The TF Serving test double (`python -m tests.tfserving_double`) as its own process; yields its
@@ -374,6 +425,7 @@ def add_ratios(results: dict) -> None:
     best batch otherwise) and its req/s over the naive app's at the same clients (single images)."""
     bare = results["bare_model"]
     naive = {r["clients"]: r for r in results["runs"] if r["app"] == NAIVE}
+    litserve = {r["clients"]: r for r in results["runs"] if r["app"] == LITSERVE}
     for r in results["runs"]:
         limit = (
             bare["batch64_images_per_s"]
@@ -383,6 +435,8 @@ def add_ratios(results: dict) -> None:
         r["fraction_of_bare"] = r["images_per_s"] / limit
         base = naive.get(r["clients"]) if r["images_per_request"] == 1 and r["app"] != NAIVE else None
         r["vs_naive"] = r["rps"] / base["rps"] if base and base["rps"] > 0 else None
+        lit = litserve.get(r["clients"]) if r["images_per_request"] == 1 and r["app"] != LITSERVE else None
+        r["vs_litserve"] = r["rps"] / lit["rps"] if lit and lit["rps"] > 0 else None
 
 
 def _row(results: dict, app: str, images: int, clients: int) -> dict | None:
@@ -411,6 +465,15 @@ def check_targets(results: dict) -> list[dict[str, Any]]:
         ratio,
         ratio is not None and ratio >= TARGET_NAIVE_RATIO,
         f"{ratio:.1f}x" if ratio is not None else "not measured",
+    )
+    l16 = _row(results, LITSERVE, 1, 16)
+    lit_ratio = g16["rps"] / l16["rps"] if g16 and l16 and l16["rps"] > 0 else None
+    target(
+        f"16 clients: gateway req/s >= {TARGET_LITSERVE_RATIO:g}x LitServe's (its dynamic batching)",
+        lit_ratio,
+        lit_ratio is not None and lit_ratio >= TARGET_LITSERVE_RATIO,
+        f"{lit_ratio:.2f}x ({g16['rps']:.0f} vs {l16['rps']:.0f} req/s)" if lit_ratio is not None
+        else "not measured",
     )
     p99 = g16["p99_ms"] if g16 else None
     target(
@@ -520,8 +583,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--skip",
         nargs="*",
         default=[],
-        choices=["naive", "tfserving"],
-        help="leave out the naive app or the TF Serving double run",
+        choices=["naive", "litserve", "tfserving"],
+        help="leave out the naive app, LitServe or the TF Serving double run",
     )
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -575,6 +638,8 @@ def main(argv: list[str] | None = None) -> int:
             naive_body = work / "naive-body.multipart"
             naive_body.write_bytes(multipart("file", sample_pngs(1)))
             measure_naive_app(results, run_dir, naive_body, args, load)
+        if "litserve" not in args.skip:
+            measure_litserve(results, model_path, bodies[1], work, load)
         if "tfserving" not in args.skip:
             measure_tfserving(results, work / "models", bodies[1], work, args, load)
     results["machine"]["load_average_1m_end"] = load_average()

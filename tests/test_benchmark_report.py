@@ -105,13 +105,14 @@ def serving_json() -> dict[str, Any]:
         "command": "python -m benchmarks.serving_latency --duration 8",
         "machine": _machine(),
         "settings": {"quick": False, "duration_s": 8.0, "warmup_s": 1.0, "bare_duration_s": 3.0, "workers": 2,
-                     "client": "hey (/usr/bin/hey), closed loop, -t 20 s", "request_deadline_s": 10.0},
+                     "client": "hey (/usr/bin/hey), closed loop, -t 20 s", "request_deadline_s": 10.0,
+                     "litserve": "--workers 1 --max-batch-size 64 --batch-timeout-s 0.005"},
         "model": {"profile": "configs/default.yaml", "arch": "bn_cnn", "width": 64, "params": 1_150_666,
                   "num_train": 50_000, "weights": "untrained (seed 0)"},
         "bare_model": rows[0],
         "runs": [run(bench.GATEWAY, 1, 1, 150.0), run(bench.GATEWAY, 1, 16, 300.0, p99=80.0),
                  run(bench.GATEWAY, 64, 2, 5.5), run(bench.NAIVE, 1, 1, 10.0), run(bench.NAIVE, 1, 16, 15.0),
-                 run(bench.TFSERVING, 1, 16, 100.0, errors=2)],
+                 run(bench.LITSERVE, 1, 16, 250.0), run(bench.TFSERVING, 1, 16, 100.0, errors=2)],
     }  # fmt: skip
     bench.add_ratios(results)
     results["targets"] = bench.check_targets(results)
@@ -227,11 +228,14 @@ def test_serving_section_names_the_model_and_the_bare_limits(full_results: Path)
 def test_serving_rows_show_fraction_of_bare_ratio_to_naive_and_errors(full_results: Path) -> None:
     body = section(report.render(full_results, now=NOW), "## Serving latency")
     # 300 images/s of the bare model's best batched 400; 300 req/s over the naive app's 15 at 16 clients.
-    assert "| gateway | 1 | 16 | 300.0 | 300 | 75% | 20.0x | 3.0 | 4.0 | 80.0 | 0 |" in body
+    # ... and over LitServe's 250.
+    assert "| gateway | 1 | 16 | 300.0 | 300 | 75% | 20.0x | 1.20x | 3.0 | 4.0 | 80.0 | 0 |" in body
     # 64-image requests against the bare batch-64 figure: 5.5 x 64 = 352 of 400.
-    assert "| gateway | 64 | 2 | 5.5 | 352 | 88% | - |" in body
-    assert "| naive | 1 | 16 | 15.0 | 15 | 4% | - |" in body
-    assert "| gateway + TF Serving double | 1 | 16 | 100.0 | 100 | 25% | 6.7x |" in body
+    assert "| gateway | 64 | 2 | 5.5 | 352 | 88% | - | - |" in body
+    assert "| naive | 1 | 16 | 15.0 | 15 | 4% | - | 0.06x |" in body
+    assert "| LitServe | 1 | 16 | 250.0 | 250 | 62% | 16.7x | - |" in body
+    assert "| gateway + TF Serving double | 1 | 16 | 100.0 | 100 | 25% | 6.7x | 0.40x |" in body
+    assert "--max-batch-size 64 --batch-timeout-s 0.005" in body
     assert "| 2 (2x 503) |" in body
 
 
@@ -239,6 +243,7 @@ def test_serving_targets_are_computed_from_the_figures(full_results: Path) -> No
     body = section(report.render(full_results, now=NOW), "## Serving latency")
     assert "| 16 clients: gateway req/s >= 15x the naive app's | 20.0x | met |" in body
     assert "| 16 clients: gateway p99 < 100 ms | 80.0 ms | met |" in body
+    assert "req/s >= 1x LitServe's (its dynamic batching) | 1.20x (300 vs 250 req/s) | met |" in body
     assert "of the bare model's batched images/s | 75% (300 of 400) | met |" in body
     # p50 3.0 ms against bare batch 1 (5.0 ms) + 3 ms.
     assert "| 1 client: gateway p50 <= bare batch-1 latency + 3 ms | 3.00 ms vs 8.00 ms | met |" in body
@@ -261,6 +266,7 @@ def test_serving_targets_missed_when_the_gateway_falls_short(tmp_path: Path) -> 
     body = section(report.render(tmp_path, now=NOW), "## Serving latency")
     assert "| 16 clients: gateway req/s >= 15x the naive app's | 6.7x | MISSED |" in body
     assert "| 16 clients: gateway p99 < 100 ms | 250.0 ms | MISSED |" in body
+    assert "LitServe's (its dynamic batching) | 0.40x (100 vs 250 req/s) | MISSED |" in body
     assert "batched images/s | 25% (100 of 400) | MISSED |" in body
     assert "| no error at any gateway load level | 0 errors in 300 requests | met |" in body
 
