@@ -342,3 +342,46 @@ def test_a_missing_serving_config_fails_before_exporting(exported_model, tmp_pat
     assert cli.main([*argv, "--keep", "1", "--serving-config", str(missing)]) == 1
     assert f"--serving-config {missing} does not exist" in capsys.readouterr().err
     assert _entries(base / "cifar10") == ["1"]
+
+
+def test_a_model_trained_under_a_mixed_policy_is_exported_in_float32(exported_model, tmp_path):
+    """A GPU run saves model.keras with bfloat16 compute per layer; the published graph computes in
+    float32 (the contract), so it answers what the same weights give in float32, not in bfloat16."""
+    import json as json_mod
+    import shutil
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from trainer.export.publish import float32_model
+
+    run = tmp_path / "run"
+    shutil.copytree(exported_model.run_dir, run)
+    trained = keras.saving.load_model(run / "model.keras", compile=False)
+    config = json_mod.loads(
+        json_mod.dumps(trained.get_config()).replace('"name": "float32"', '"name": "mixed_bfloat16"')
+    )
+    mixed = trained.__class__.from_config(config)
+    mixed.set_weights(trained.get_weights())
+    assert {layer.dtype_policy.name for layer in mixed.layers} >= {"mixed_bfloat16"}
+    mixed.save(run / "model.keras")
+
+    pixels = np.random.default_rng(3).integers(0, 256, (16, 32, 32, 3)).astype(np.float32)
+    in_float32 = np.asarray(trained(pixels, training=False))
+    in_bfloat16 = np.asarray(mixed(pixels, training=False), dtype=np.float32)
+    assert np.abs(in_bfloat16 - in_float32).max() > 1e-3  # bfloat16 really answers differently
+    rebuilt = float32_model(keras.saving.load_model(run / "model.keras", compile=False))
+    assert {layer.dtype_policy.name for layer in rebuilt.layers} == {"float32"}
+    np.testing.assert_allclose(np.asarray(rebuilt(pixels, training=False)), in_float32, atol=1e-6)
+
+    path = publish(run, tmp_path / "models", "cifar10")
+    signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+    served = signature(images=tf.constant(pixels))["probabilities"].numpy()
+    # Served probabilities are the float32 answer calibrated by the fitted temperature T.
+    card = json_mod.loads((path / "assets.extra" / "model_card.json").read_text())
+    temperature = (card.get("calibration") or {}).get("temperature") or 1.0
+    logits = np.log(np.clip(in_float32.astype(np.float64), 1e-30, 1.0)) / temperature
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(served, expected, atol=1e-5)

@@ -78,6 +78,34 @@ def read_run_dir(run_dir: Path) -> RunArtifacts:
     )
 
 
+def float32_model(model: keras.Model) -> keras.Model:
+    """`model` computing in float32 throughout, with its weights (the same object when it already does).
+
+    A GPU run trains under a mixed policy (bfloat16 or float16 compute, float32 weights: trainer/
+    accelerator.py) and model.keras keeps that policy per layer. Exported as is, the served graph
+    would compute in 16 bits on the CPUs that serve it: slow where the CPU lacks the type, and
+    probabilities off by up to ~0.1 (a width-8 bn_cnn under bfloat16). The contract is float32.
+    """
+    policies: set[str] = set()
+
+    def to_float32(item: Any) -> Any:  # the config with every layer's dtype policy made float32
+        if isinstance(item, dict):
+            if item.get("class_name") == "DTypePolicy":
+                policies.add(item["config"]["name"])
+                return {**item, "config": {**item["config"], "name": "float32"}}
+            return {key: to_float32(value) for key, value in item.items()}
+        if isinstance(item, list):
+            return [to_float32(value) for value in item]
+        return item
+
+    config = to_float32(model.get_config())
+    if policies <= {"float32"} and model.dtype_policy.name == "float32":
+        return model
+    rebuilt = model.__class__.from_config(config)
+    rebuilt.set_weights(model.get_weights())  # a mixed policy keeps its variables in float32
+    return rebuilt
+
+
 def publish(
     run_dir: str | Path,
     model_base: str | Path,
@@ -197,7 +225,7 @@ def _write_version(
     """Export, verify, gate and describe the run's model in `tmp`, the version directory still hidden
     from TF Serving: SavedModel, warmup requests, model card. A refused gate raises here, and the
     caller removes `tmp`."""
-    model = keras.saving.load_model(run.model_path, compile=False)
+    model = float32_model(keras.saving.load_model(run.model_path, compile=False))
     # Temperature, OOD score and abstention threshold fitted on the run's held-out data, built into
     # every signature (trainer/export/trust.py).
     trust = fit_trust(model, run_dir, tta=tta, keep=ood_keep, photo_folder=ood_photos)
