@@ -86,6 +86,15 @@ class OptimConfig:
     # Page's and airbench's figures are coupled (trainer/optimizers.py has the exact conversion).
     weight_decay: float = 5e-4
     weight_decay_style: str = "decoupled"  # decoupled | coupled (sgd only)
+    # true: weight decay on every trainable variable, biases and batch-norm offsets included
+    # (airbench94; Page's ResNet-9 too). false: those are excluded (trainer/optimizers.py NO_DECAY).
+    decay_norm_and_bias: bool = False
+    # Multiplier of the lr of batch-norm offsets (beta), their coupled weight decay divided by it so
+    # the per-step decay lr * wd is unchanged: airbench94's bias_scaler (64). Coupled sgd only.
+    bias_lr_scale: float = 1.0
+    # airbench: epochs the whitening conv's bias trains before it is frozen (3); 0 = never frozen.
+    # Coupled sgd only; only architectures with a whitening layer (airbench) have that bias.
+    whiten_bias_epochs: int = 0
     schedule: str = "onecycle"  # onecycle (linear up, linear down) | cosine | constant
     warmup_fraction: float = 0.2  # share of all steps spent ramping up to the peak lr
     start_factor: float = 0.1  # lr at step 0 = lr * start_factor (onecycle and cosine warm-up)
@@ -107,10 +116,26 @@ class TrainConfig:
     early_stopping_patience: int = 0  # epochs without val-accuracy gain before stopping; 0 = off
     mixed_precision: str = "auto"  # auto (on when a GPU is present) | on | off
     jit_compile: str = "auto"  # auto (XLA when a GPU is present) | on | off
+    # Devices and processes (trainer/distribute.py): auto = every device of this process (JAX
+    # DataParallel, TensorFlow MirroredStrategy on 2+ GPUs) and, when TRAIN_NUM_PROCESSES > 1, all
+    # processes together; batch_size stays the global batch. off = one device.
+    distribution: str = "auto"  # auto | off
+    # Training set held on the accelerator as uint8, shuffled per epoch in one compiled call and
+    # fed to fit without host copies (trainer/device_data.py). auto = on when a GPU is present.
+    # Same batches in the same order as off: only where the data lives changes.
+    data_on_device: str = "auto"  # auto | on | off
     # Exponential moving average of the weights (Keras' optimizer `use_ema`), per step: the
     # validation score, best model and export use the averaged weights. 0 = off; 0.99-0.999 is
     # typical (closer to 1 = longer memory: wants thousands of steps).
     ema_momentum: float = 0.0
+    # airbench94's lookahead (trainer/models/airbench.py Lookahead; NOT Keras' EMA): from epoch
+    # lookahead_start_epoch (0-based) every lookahead_every_steps steps, average = rho * average +
+    # (1 - rho) * weights, the model set to the average, with rho = lookahead_decay **
+    # lookahead_every_steps * (step / total_steps) ** lookahead_decay_pow. 0 = off; airbench 0.95.
+    lookahead_decay: float = 0.0
+    lookahead_every_steps: int = 5  # optimizer steps between lookahead updates
+    lookahead_start_epoch: int = 3  # 0-based epoch of the first update
+    lookahead_decay_pow: float = 3.0  # rho grows as (fraction of training done) ** this
     tensorboard: bool = True  # write RUN_DIR/tensorboard/
     verbose: int = 2  # Keras fit verbosity: 2 = one line per epoch, 1 = progress bar, 0 = silent
 
@@ -290,6 +315,23 @@ def validate(config: Config) -> None:
          f"got {config.optim.optimizer!r}; use decoupled with adam or rmsprop"),
         (config.optim.lr_batch_size is None or config.optim.lr_batch_size >= 1,
          f"optim.lr_batch_size must be >= 1 or null, got {config.optim.lr_batch_size}"),
+        (config.optim.bias_lr_scale > 0,
+         f"optim.bias_lr_scale must be > 0, got {config.optim.bias_lr_scale}"),
+        (config.optim.whiten_bias_epochs >= 0,
+         f"optim.whiten_bias_epochs must be >= 0 (0 = never frozen), got {config.optim.whiten_bias_epochs}"),
+        ((config.optim.bias_lr_scale == 1.0 and config.optim.whiten_bias_epochs == 0)
+         or (config.optim.optimizer == "sgd" and config.optim.weight_decay_style == "coupled"),
+         "optim.bias_lr_scale and optim.whiten_bias_epochs are airbench's parameter groups, implemented "
+         "for optimizer sgd with weight_decay_style coupled; set those, or bias_lr_scale=1.0 and "
+         "whiten_bias_epochs=0"),
+        (0.0 <= config.train.lookahead_decay < 1.0,
+         f"train.lookahead_decay must be in [0, 1) (0 = off), got {config.train.lookahead_decay}"),
+        (config.train.lookahead_every_steps >= 1,
+         f"train.lookahead_every_steps must be >= 1, got {config.train.lookahead_every_steps}"),
+        (config.train.lookahead_start_epoch >= 0,
+         f"train.lookahead_start_epoch must be >= 0, got {config.train.lookahead_start_epoch}"),
+        (not (config.train.lookahead_decay and config.train.ema_momentum),
+         "train.lookahead_decay and train.ema_momentum are two weight averages: turn one off"),
         (0.0 <= config.train.ema_momentum < 1.0,
          f"train.ema_momentum must be in [0, 1) (0 = off), got {config.train.ema_momentum}"),
         (config.optim.schedule in ("onecycle", "cosine", "constant"),
@@ -305,8 +347,12 @@ def validate(config: Config) -> None:
          f"train.batch_size must be auto or an integer >= 1, got {config.train.batch_size!r}"),
         (config.train.mixed_precision in ("auto", "on", "off"),
          f"train.mixed_precision must be auto, on or off, got {config.train.mixed_precision!r}"),
+        (config.train.distribution in ("auto", "off"),
+         f"train.distribution must be auto or off, got {config.train.distribution!r}"),
         (config.train.jit_compile in ("auto", "on", "off"),
          f"train.jit_compile must be auto, on or off, got {config.train.jit_compile!r}"),
+        (config.train.data_on_device in ("auto", "on", "off"),
+         f"train.data_on_device must be auto, on or off, got {config.train.data_on_device!r}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -37,6 +37,10 @@ Conversions from Page's recipe to `TorchSGD` (B = batch size):
   as is (it only matters with start_factor 0, where Keras' first step has lr 0).
 * Batch-norm: unrelated to the optimizer, but PyTorch's BN momentum is 1 - Keras' (see OptimConfig).
 
+airbench94's conversions (its lr and weight decay "per 1024 examples" divided by a kilostep scale,
+its bias_scaler parameter group, the whitening bias frozen after 3 epochs) are written out in
+configs/airbench94.yaml and tested in tests/trainer/test_airbench.py.
+
 Keras 3's own optimizers cannot express this: every one applies `weight_decay` decoupled, SGD keeps
 the lr inside its velocity, and there is no hook to transform gradients between clipping and the
 update step. `TorchSGD` therefore overrides only `update_step` (keras.ops only, so it runs and
@@ -47,7 +51,8 @@ gradient accumulation, EMA and serialization.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import keras
@@ -62,6 +67,11 @@ WEIGHT_DECAY_STYLES = ("decoupled", "coupled")
 # parameter (its convolutions and classifier have no bias, so that means the BN scale/offset too);
 # pass `no_decay=()` to build_optimizer to reproduce that exactly.
 NO_DECAY = ("bias", "gamma", "beta")
+# Variable paths (regular expressions, re.search) of airbench's parameter groups: batch-norm
+# offsets get optim.bias_lr_scale; the whitening conv's bias stops training after
+# optim.whiten_bias_epochs (trainer/models/airbench.py names that layer "whiten").
+NORM_BIAS_PATTERN = r"(^|/)beta$"
+WHITEN_BIAS_PATTERN = r"(^|/)whiten/bias$"
 
 
 class OptimSettings(Protocol):
@@ -89,8 +99,14 @@ class TorchSGD(keras.optimizers.Optimizer):
         w -= lr_t * (d + momentum * b)  if nesterov, else  w -= lr_t * b
 
     This is `torch.optim.SGD(lr, momentum, weight_decay, nesterov, dampening=0)` on the same
-    gradient. `weight_decay` here is PyTorch's (coupled) coefficient; Keras' decoupled decay is
-    kept off (the base class sees `weight_decay=None`). Exclude variables with
+    gradient. Parameter groups as airbench94 uses them: `lr_scales` maps a regular expression on
+    a variable's path to a multiplier of its lr; its coupled weight decay is divided by the same
+    multiplier, so the per-step decay lr * wd is the group-independent one (airbench's
+    bias_scaler: "scales up learning rate (but not weight decay)"). `train_steps` maps a pattern
+    to a step count after which the variable is not updated at all (no gradient, momentum or
+    decay: PyTorch skips a parameter whose requires_grad turned False). `weight_decay` here is
+    PyTorch's (coupled) coefficient; Keras' decoupled decay is kept off (the base class sees
+    `weight_decay=None`). Exclude variables with
     `exclude_from_weight_decay(var_names=...)` before the optimizer is built, as with Keras'
     optimizers. See the module docstring for converting a summed-loss recipe.
     """
@@ -102,6 +118,8 @@ class TorchSGD(keras.optimizers.Optimizer):
         nesterov: bool = False,
         weight_decay: float | None = None,
         name: str = "torch_sgd",
+        lr_scales: Mapping[str, float] | None = None,
+        train_steps: Mapping[str, int] | None = None,
         **kwargs: Any,
     ) -> None:
         # weight_decay=None for the base class: its `_apply_weight_decay` is the decoupled kind.
@@ -116,6 +134,18 @@ class TorchSGD(keras.optimizers.Optimizer):
         self.momentum = momentum
         self.nesterov = bool(nesterov)
         self.coupled_weight_decay = float(weight_decay) if weight_decay else 0.0
+        self.lr_scales = {str(k): float(v) for k, v in (lr_scales or {}).items()}
+        self.train_steps = {str(k): int(v) for k, v in (train_steps or {}).items()}
+        if any(v <= 0.0 for v in self.lr_scales.values()):
+            raise ValueError(f"lr_scales must be > 0, got {self.lr_scales}")
+
+    def _first_match(self, table: Mapping[str, Any], variable: Any) -> Any:
+        # Resolved in Python at trace time (the path is static), so it costs nothing per step.
+        # Under TensorFlow update_step sees the backend's tf.Variable (name "scope/beta:0", no
+        # path): look up the Keras variable it belongs to.
+        keras_variable = self._trainable_variables[self._get_variable_index(variable)]
+        path = keras_variable.path
+        return next((value for pattern, value in table.items() if re.search(pattern, path)), None)
 
     def build(self, variables: Sequence[Any]) -> None:
         if self.built:
@@ -127,27 +157,41 @@ class TorchSGD(keras.optimizers.Optimizer):
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         lr = ops.cast(learning_rate, variable.dtype)
         d = ops.cast(gradient, variable.dtype)
+        scale = self._first_match(self.lr_scales, variable) or 1.0
+        if scale != 1.0:
+            lr = ops.multiply(lr, ops.convert_to_tensor(scale, dtype=variable.dtype))
+        steps_limit = self._first_match(self.train_steps, variable)
+        # 1 while the variable still trains, 0 after its last step (iterations counts steps done).
+        active = None if steps_limit is None else ops.cast(
+            ops.less(self.iterations, steps_limit), variable.dtype
+        )
         # `_use_weight_decay` is Keras' own lookup of `exclude_from_weight_decay` (resolved in
         # Python at trace time, so it costs nothing inside a compiled step).
         if self.coupled_weight_decay and self._use_weight_decay(variable):
-            wd = ops.convert_to_tensor(self.coupled_weight_decay, dtype=variable.dtype)
+            wd = ops.convert_to_tensor(self.coupled_weight_decay / scale, dtype=variable.dtype)
             d = ops.add(d, ops.multiply(wd, variable))
         if not self.momentum:
-            self.assign_sub(variable, ops.multiply(lr, d))
+            update = ops.multiply(lr, d)
+            self.assign_sub(variable, update if active is None else ops.multiply(active, update))
             return
         # convert_to_tensor, not cast: ops.cast(0.9, "float64") goes through float32 first.
         m = ops.convert_to_tensor(self.momentum, dtype=variable.dtype)
         buffer = self.momentums[self._get_variable_index(variable)]
         new_buffer = ops.add(ops.multiply(m, buffer), d)
-        self.assign(buffer, new_buffer)
         step = ops.add(d, ops.multiply(m, new_buffer)) if self.nesterov else new_buffer
-        self.assign_sub(variable, ops.multiply(lr, step))
+        update = ops.multiply(lr, step)
+        if active is not None:  # frozen: buffer and variable stay as they are
+            new_buffer = ops.add(buffer, ops.multiply(active, ops.subtract(new_buffer, buffer)))
+            update = ops.multiply(active, update)
+        self.assign(buffer, new_buffer)
+        self.assign_sub(variable, update)
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         # The base class wrote weight_decay=None (its decoupled kind, unused); ours is coupled.
         config.update(
-            {"momentum": self.momentum, "nesterov": self.nesterov, "weight_decay": self.coupled_weight_decay}
+            {"momentum": self.momentum, "nesterov": self.nesterov, "weight_decay": self.coupled_weight_decay,
+             "lr_scales": dict(self.lr_scales), "train_steps": dict(self.train_steps)}
         )
         return config
 
@@ -166,7 +210,10 @@ def build_schedule(optim_cfg: OptimSettings, total_steps: int) -> WarmupSchedule
 
 
 def build_optimizer(
-    optim_cfg: OptimSettings, total_steps: int, no_decay: Sequence[str] = NO_DECAY
+    optim_cfg: OptimSettings,
+    total_steps: int,
+    no_decay: Sequence[str] = NO_DECAY,
+    steps_per_epoch: int | None = None,
 ) -> keras.optimizers.Optimizer:
     """The optimizer named by `optim_cfg.optimizer`, its lr following `build_schedule`.
 
@@ -176,7 +223,10 @@ def build_optimizer(
     lr outside the buffer), which is what summed-loss PyTorch recipes mean by weight decay.
     adam and rmsprop are Keras' own with decoupled decay; rmsprop keeps Keras' defaults
     (rho 0.9, no momentum) as the Keras CIFAR-10 tutorials use it. Variables whose names contain
-    any of `no_decay` get no weight decay.
+    any of `no_decay` get no weight decay, unless `optim_cfg.decay_norm_and_bias` (airbench, Page:
+    every trainable variable decays). airbench's groups (coupled sgd only): `bias_lr_scale`
+    multiplies the lr of batch-norm offsets (TorchSGD lr_scales), `whiten_bias_epochs` > 0 stops
+    the whitening bias after that many epochs of `steps_per_epoch` steps (TorchSGD train_steps).
     """
     name = optim_cfg.optimizer
     if name not in OPTIMIZERS:
@@ -191,10 +241,25 @@ def build_optimizer(
         raise ValueError(f"weight_decay_style 'coupled' is implemented for sgd only, not {name!r}")
     schedule = build_schedule(optim_cfg, total_steps)
     wd = optim_cfg.weight_decay or None
+    # getattr: these fields are optional for OptimSettings-like objects (defaults = off).
+    bias_lr_scale = float(getattr(optim_cfg, "bias_lr_scale", 1.0))
+    whiten_bias_epochs = int(getattr(optim_cfg, "whiten_bias_epochs", 0))
+    if getattr(optim_cfg, "decay_norm_and_bias", False):
+        no_decay = ()
+    if (bias_lr_scale != 1.0 or whiten_bias_epochs) and not (name == "sgd" and style == "coupled"):
+        raise ValueError(
+            "optim.bias_lr_scale and optim.whiten_bias_epochs need optimizer sgd with "
+            "weight_decay_style coupled (PyTorch-semantics SGD); reset them to 1.0 and 0 otherwise"
+        )
+    if whiten_bias_epochs and not steps_per_epoch:
+        raise ValueError("optim.whiten_bias_epochs needs steps_per_epoch to convert epochs to steps")
     opt: keras.optimizers.Optimizer
     if name == "sgd" and style == "coupled":
         opt = TorchSGD(
-            learning_rate=schedule, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov, weight_decay=wd
+            learning_rate=schedule, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov, weight_decay=wd,
+            lr_scales={NORM_BIAS_PATTERN: bias_lr_scale} if bias_lr_scale != 1.0 else None,
+            train_steps={WHITEN_BIAS_PATTERN: whiten_bias_epochs * int(steps_per_epoch or 0)}
+            if whiten_bias_epochs else None,
         )
     elif name == "sgd":
         opt = keras.optimizers.SGD(

@@ -18,13 +18,14 @@ from typing import Any
 
 import keras
 
-from trainer import accelerator, run_files
+from trainer import accelerator, device_data, distribute, run_files
 from trainer import config as config_mod
 from trainer.checkpoints import RunCheckpointer, read_state, restore_seed_states
 from trainer.config import Config, write_json_atomic
 from trainer.data import Dataset
 from trainer.evaluate import evaluate_run
 from trainer.models import available_architectures, build_model, xla_error
+from trainer.models.airbench import lookahead_callbacks
 from trainer.optimizers import build_optimizer
 from trainer.pipeline import ArrayBatches, ShuffledBatches
 from trainer.recipe import Recipe, resolve
@@ -46,7 +47,9 @@ class TrainResult:
 
 def make_optimizer(config: Config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     """The configured optimizer over the whole run's steps, with weight EMA when asked."""
-    optimizer = build_optimizer(config.optim, max(1, steps_per_epoch * config.train.epochs))
+    optimizer = build_optimizer(
+        config.optim, max(1, steps_per_epoch * config.train.epochs), steps_per_epoch=steps_per_epoch
+    )
     if config.train.ema_momentum:
         # Keras keeps the average in the optimizer (saved in checkpoints, so resume keeps it);
         # SwapEMAWeights and the checkpointer put it into the model where it is scored and saved.
@@ -71,6 +74,7 @@ def make_model(config: Config, dataset: Dataset, steps_per_epoch: int, jit_compi
         bn_momentum=config.optim.bn_momentum,
         init=m.init,
         head_bias=m.head_bias,
+        whitening_images=dataset.x_train,  # airbench's whitening conv is set from them; others ignore
     )
     if jit_compile and (problem := xla_error(model)):
         raise TrainingError(problem)
@@ -124,8 +128,11 @@ def _check_same_config(run_dir: Path, config: Config) -> None:
     saved = _flatten(run_files.read_config(run_dir).to_dict())
     given = _flatten(config.to_dict())
     diffs = [f"{k} (run: {saved[k]!r}, now: {given[k]!r})" for k in saved if saved[k] != given.get(k)]
-    # How chatty the log is does not change the result.
-    diffs = [d for d in diffs if not d.startswith(("train.verbose", "train.tensorboard"))]
+    # How chatty the log is does not change the result, nor where the pixels live: the device path
+    # gives the host path's batches (tests/trainer/test_device_data.py), so a run may resume on
+    # another machine.
+    unchanged_result = ("train.verbose", "train.tensorboard", "train.data_on_device")
+    diffs = [d for d in diffs if not d.startswith(unchanged_result)]
     if diffs:
         raise TrainingError(
             f"cannot resume {run_dir}: settings differ from the interrupted run: {'; '.join(diffs)}. "
@@ -195,23 +202,31 @@ def _fit(
     state: dict[str, Any] | None,
     callbacks: Sequence[keras.callbacks.Callback],
     log: Callable[[str], None],
+    dist: distribute.Distribution | None = None,
 ) -> RunCheckpointer:
     """Train the epochs after the state's (all of them for a fresh start); the checkpointer holds
     the history and the best epoch."""
     start_epoch = int(state["epoch"]) if state else 0
     batch_size = config.train.batch_size
-    train_batches = ShuffledBatches(
+    dist = dist or distribute.Distribution(distribute.SINGLE)
+    # The same batches in the same order either way; on the device: uint8 in accelerator memory.
+    on_device = device_data.use_device_data(
+        config.train.data_on_device, accel.gpus, dist.cluster.num_processes
+    )
+    train_batches = (device_data.DeviceBatches if on_device else ShuffledBatches)(
         dataset.x_train, dataset.y_train, batch_size, seed=config.train.seed, initial_epoch=start_epoch
     )
     val_batches = ArrayBatches(dataset.x_val, dataset.y_val, batch_size) if len(dataset.x_val) else None
     steps_per_epoch = train_batches.steps_per_epoch
-    with accel.scope:
+    dist.check_batch_size(train_batches.batch_size)  # the global batch: split evenly over the devices
+    with dist.scope():
         # Same construction order as the original run, so layer seeds drawn from the global
         # seed match; then weights, optimizer state and generator counters are restored.
         model = make_model(config, dataset, steps_per_epoch, accel.jit_compile)
+        dist.prepare_model(model)
         if state:
             _restore_checkpoint(model, run_dir, state, config.train.epochs, log)
-    _record_compiled_environment(run_dir, accel, model)
+    _record_compiled_environment(run_dir, accel, model, dist)
 
     checkpointer = RunCheckpointer(
         run_dir,
@@ -224,15 +239,21 @@ def _fit(
     # With EMA, validation scores the averaged weights (SwapEMAWeights swaps them in around each
     # evaluation); the checkpointer saves them as the best model.
     ema = [keras.callbacks.SwapEMAWeights()] if config.train.ema_momentum else []
-    cbs = [*ema, checkpointer, *_tensorboard_callbacks(config, run_dir, log), *callbacks]
+    # airbench's lookahead writes the averaged weights into the model: before the checkpointer.
+    lookahead = lookahead_callbacks(config.train, steps_per_epoch)
+    cbs = [*ema, *lookahead, checkpointer, *_tensorboard_callbacks(config, run_dir, log), *callbacks]
     log(
         f"training {config.model.arch} for epochs {start_epoch + 1}..{config.train.epochs} "
         f"({steps_per_epoch} steps/epoch, batch {batch_size}) into {run_dir}"
     )
+    if on_device:  # one process: the stream is already laid out over its devices (device_data.py)
+        spe = train_batches.configure(model, align=[c.every_steps for c in lookahead])
+        log(device_data.describe(train_batches, spe))
     started = time.perf_counter()
     model.fit(
-        train_batches,
-        validation_data=val_batches,
+        # this process's share of each global batch
+        train_batches.for_fit() if on_device else dist.training_input(train_batches),
+        validation_data=dist.training_input(val_batches) if val_batches is not None else None,
         epochs=config.train.epochs,
         initial_epoch=start_epoch,
         steps_per_epoch=steps_per_epoch,
@@ -245,10 +266,12 @@ def _fit(
     return checkpointer
 
 
-def _record_compiled_environment(run_dir: Path, accel: accelerator.Accelerator, model: keras.Model) -> None:
+def _record_compiled_environment(run_dir: Path, accel: accelerator.Accelerator, model: keras.Model,
+                                 dist: distribute.Distribution) -> None:
     """environment.json with what the compiled model really uses: Keras turns XLA off with only a
     warning when a layer cannot compile, so the setting alone is not the truth."""
     environment = accel.environment()
+    environment["distribution"] = dist.environment()
     environment["jit_compile_requested"] = accel.jit_compile
     environment["jit_compile"] = bool(getattr(model, "jit_compile", False))
     write_json_atomic(run_dir / run_files.ENVIRONMENT_FILE, environment)
@@ -305,13 +328,18 @@ def train(
         raise TrainingError(
             f"unknown model.arch {config.model.arch!r}; choose one of: {', '.join(available_architectures())}"
         )
-    run_dir = Path(run_dir)
+    run_dir = requested_dir = Path(run_dir)
     state = _resumable_state(run_dir, config, resume)
+    # First, before any backend computation: joins the other processes when the environment names
+    # them (trainer/distribute.py). Only the chief writes RUN_DIR; the others write a scratch copy.
+    dist = distribute.setup(config.train.distribution)
+    run_dir = dist.output_dir(run_dir, state)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     keras.utils.set_random_seed(config.train.seed)
     accel = accelerator.setup(config.train.mixed_precision, config.train.jit_compile)
     log(accel.describe())
+    log(dist.describe())
     if dataset is None:
         dataset = run_files.load_run_dataset(config)
     announce_dataset(dataset, log)
@@ -326,8 +354,11 @@ def train(
         result = _result_of_finished_run(run_dir, state)
     else:
         resolved = recipe.apply(config)
-        result = _result_of_fit(run_dir, _fit(resolved, run_dir, dataset, accel, state, callbacks, log))
+        checkpointer = _fit(resolved, run_dir, dataset, accel, state, callbacks, log, dist=dist)
+        result = _result_of_fit(run_dir, checkpointer)
 
-    if evaluate and (not finished or not (run_dir / run_files.METRICS_FILE).is_file()):
+    dist.close()  # the test-split report runs on the chief alone, without a distribution
+    result.run_dir = requested_dir
+    if evaluate and dist.is_chief and (not finished or not (run_dir / run_files.METRICS_FILE).is_file()):
         result.metrics = evaluate_run(run_dir, dataset=dataset, log=log)
     return result

@@ -21,14 +21,14 @@ def _images(n: int = 4, seed: int = 0) -> np.ndarray:
 
 
 def test_registry_lists_the_architectures() -> None:
-    assert available_architectures() == ["bn_cnn", "mlp", "nin", "plain_cnn", "resnet9"]
-    with pytest.raises(ValueError, match="choose one of: bn_cnn, mlp, nin, plain_cnn, resnet9"):
+    assert available_architectures() == ["airbench", "bn_cnn", "mlp", "nin", "plain_cnn", "resnet9"]
+    with pytest.raises(ValueError, match="choose one of: airbench, bn_cnn, mlp, nin, plain_cnn, resnet9"):
         build_model("vgg", num_classes=10, mean=MEAN, std=STD)
     # Only the MLP has no convolution, so no Grad-CAM.
-    assert gradcam_architectures() == ["bn_cnn", "nin", "plain_cnn", "resnet9"]
+    assert gradcam_architectures() == ["airbench", "bn_cnn", "nin", "plain_cnn", "resnet9"]
 
 
-@pytest.mark.parametrize("arch", ["bn_cnn", "resnet9", "plain_cnn", "nin", "mlp"])
+@pytest.mark.parametrize("arch", ["bn_cnn", "resnet9", "plain_cnn", "nin", "mlp", "airbench"])
 def test_input_output_contract(arch: str) -> None:
     model = build_model(arch, num_classes=7, mean=MEAN, std=STD, augmentation=AUGMENT, width=4, dropout=0.2)
     assert model.name == arch

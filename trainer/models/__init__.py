@@ -16,7 +16,7 @@ from typing import Any
 
 import keras
 
-from trainer.models import bn_cnn, mlp, nin, plain_cnn, resnet9
+from trainer.models import airbench, bn_cnn, mlp, nin, plain_cnn, resnet9
 from trainer.models.augment import Cutout, HorizontalFlip, RandomShift
 from trainer.models.common import INITS, check_init, stem
 
@@ -44,6 +44,9 @@ REGISTRY: dict[str, Architecture] = {
     "plain_cnn": Architecture(plain_cnn.body, plain_cnn.head, 32),
     "mlp": Architecture(mlp.body, mlp.head, 512, gradcam=False),
     "nin": Architecture(nin.body, nin.head, 192),
+    # airbench94 (Keller Jordan): widths 64/256/256, data-initialized whitening conv, PyTorch's
+    # default init (its convs add the identity themselves), bias-free head.
+    "airbench": Architecture(airbench.body, airbench.head, 64, init="torch", head_bias=False),
 }
 
 # Which config key turns on each built-in layer that XLA cannot compile (for xla_error's advice).
@@ -87,6 +90,7 @@ def build_model(
     seed: int | None = None,
     init: str | None = None,
     head_bias: bool | None = None,
+    whitening_images: Any = None,
 ) -> keras.Model:
     """Build architecture `arch` (see REGISTRY).
 
@@ -96,6 +100,9 @@ def build_model(
     (None = drawn from the global seed that keras.utils.set_random_seed fixes).
     init: weight initialization, "he_normal" or "torch" (PyTorch's default, U(+-1/sqrt(fan_in)));
     head_bias: whether the logits layer has a bias. None = the architecture's default for both.
+    whitening_images: raw training images [N, 32, 32, 3] (0..255) that set the frozen whitening
+    conv of `airbench` (its first 5,000 are used); ignored by architectures without one. None
+    leaves that kernel at its random init (fine for tests and for loading saved weights).
     """
     if arch not in REGISTRY:
         choices = ", ".join(available_architectures())
@@ -111,7 +118,10 @@ def build_model(
     inputs, x = stem(mean, std, augmentation, seed)
     x = spec.body(x, width=width or spec.width, dropout=dropout, bn_momentum=bn_momentum, init=init)
     outputs = spec.head(x, num_classes, bias=head_bias, init=init)
-    return keras.Model(inputs, outputs, name=arch)
+    model = keras.Model(inputs, outputs, name=arch)
+    if whitening_images is not None:
+        airbench.initialize_whitening(model, whitening_images, mean, std)
+    return model
 
 
 def xla_blockers(model: keras.Model) -> list[str]:
