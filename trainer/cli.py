@@ -69,7 +69,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _run_sweep(args: argparse.Namespace) -> int:
     config = resolve_config(args)
-    sweep(config, args.param, parse_values(args.values), args.run_dir)
+    sweep(config, args.param, parse_values(args.values), args.run_dir, index=args.index)
     return 0
 
 
@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(p)
     p.add_argument("--param", required=True, help="config key to vary, e.g. model.dropout")
     p.add_argument("--values", required=True, help="comma-separated values, e.g. 0.0,0.1,0.2")
+    p.add_argument("--index", type=int,
+                   help="train only the value at this 0-based index, then merge the summary from every "
+                        "finished run (one index per pod of an Indexed Job: $JOB_COMPLETION_INDEX)")
     p.set_defaults(handler=_run_sweep)
 
     export_arguments.register(sub, handler=_run_export)

@@ -83,6 +83,16 @@ def _render_once() -> list[dict]:
     return render_with_kubectl() if kubectl() else render_plain()
 
 
+# Run on demand, each its own kustomization applied after k8s/ (which holds the namespace, the
+# default-deny policy and the model claim they rely on); not part of k8s/kustomization.yaml.
+ON_DEMAND_DIRS = (K8S_DIR / "training-multinode", K8S_DIR / "training-sweep")
+
+
+def render_dir(directory: Path) -> list[dict]:
+    """Like render(), for another kustomization directory (e.g. one of ON_DEMAND_DIRS)."""
+    return render_with_kubectl(directory) if kubectl() else render_plain(directory)
+
+
 def pod_spec(doc: dict) -> dict | None:
     if doc["kind"] == "CronJob":
         return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]

@@ -53,10 +53,17 @@ def trainer_environments() -> dict[str, dict[str, str]]:
     compose_env = {k: str(v) for k, v in manifests.compose()["services"]["trainer"]["environment"].items()}
     cron = manifests.find(manifests.render(), "CronJob", "cifar10-train")
     k8s_env = manifests.env_of(next(manifests.containers(cron)), {"JOB_NAME": "cifar10-train-29412345"})
+    # The multi-node Job's chief (index 0) runs the entrypoint too (tests/deploy/test_k8s_training_jobs.py
+    # checks that only the chief does, and that the other workers' training step matches its own).
+    multinode_docs = manifests.render_dir(manifests.ON_DEMAND_DIRS[0])
+    multinode = manifests.find(multinode_docs, "Job", "cifar10-train-multinode")
+    chief_env = manifests.env_of(next(manifests.containers(multinode)),
+                                 {"JOB_NAME": "cifar10-train-multinode", "JOB_COMPLETION_INDEX": "0"})
     return {
         "Dockerfile.train": image,
         "compose.yaml trainer": {**image, **compose_env},
         "k8s CronJob": {**image, **k8s_env},
+        "k8s multi-node chief": {**image, **chief_env},
     }
 
 

@@ -48,7 +48,7 @@ def test_renders_every_part_of_the_stack(docs: list[dict]) -> None:
     assert any(n.startswith("tfserving-config") for n in names), names
 
 
-def test_every_document_passes_the_strict_schema(docs: list[dict]) -> None:
+def _schema_problems(docs: list[dict]) -> list[str]:
     problems = []
     for doc in docs:
         try:
@@ -58,7 +58,43 @@ def test_every_document_passes_the_strict_schema(docs: list[dict]) -> None:
         except SchemaNotFoundError as e:
             # A kind with no bundled schema (a CRD, a typo'd apiVersion) would go unchecked: refuse it.
             problems.append(f"{_id(doc)}: {e.message}")
+    return problems
+
+
+def test_every_document_passes_the_strict_schema(docs: list[dict]) -> None:
+    problems = _schema_problems(docs)
     assert not problems, "\n".join(problems)
+
+
+ON_DEMAND_EXPECTED = {
+    "training-multinode": {
+        ("Job", "cifar10-train-multinode"),
+        ("Service", "cifar10-train-multinode"),
+        ("NetworkPolicy", "cifar10-train-multinode"),
+        ("PersistentVolumeClaim", "cifar10-runs-multinode"),
+    },
+    "training-sweep": {
+        ("Job", "cifar10-train-sweep"),
+        ("NetworkPolicy", "cifar10-train-sweep"),
+        ("PersistentVolumeClaim", "cifar10-runs-sweep"),
+    },
+}
+
+
+@pytest.mark.parametrize("directory", manifests.ON_DEMAND_DIRS, ids=lambda d: d.name)
+def test_on_demand_training_jobs_render_and_pass_the_strict_schema(directory) -> None:
+    docs = manifests.render_dir(directory)
+    present = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert present == ON_DEMAND_EXPECTED[directory.name]
+    assert all(d["metadata"].get("namespace") == "cifar10" for d in docs)
+    problems = _schema_problems(docs)
+    assert not problems, "\n".join(problems)
+    if manifests.kubectl() is not None:  # the fallback renderer agrees with kustomize here too
+        def canonical(docs: list[dict]) -> list[str]:
+            return sorted(json.dumps(d, sort_keys=True) for d in docs)
+
+        plain, kustomized = manifests.render_plain(directory), manifests.render_with_kubectl(directory)
+        assert canonical(plain) == canonical(kustomized)
 
 
 def test_the_validator_rejects_a_misspelt_field(docs: list[dict]) -> None:
