@@ -21,7 +21,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 export KERAS_BACKEND ?= tensorflow
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv serve test lint bench bench-train bench-small-data bench-serve loadtest clean
+.PHONY: venv serve test lint bench bench-train bench-small-data bench-serve bench-gpu-prepare loadtest clean
 
 # A development environment: everything the test suite needs.
 venv: $(TEST_STAMP)
@@ -74,6 +74,12 @@ bench-serve: $(BENCH_STAMP)
 	@bash scripts/ensure-debian-packages.sh 'hey!'
 	$(PY) -m benchmarks.serving_latency --out benchmarks/results/serving_latency.json
 	$(PY) -m benchmarks.bn_folding --out benchmarks/results/bn_folding.json
+
+# The GPU training benchmark runs on a lent GPU machine (no network there): this fills .whl/ with the
+# Keras wheels and .gpu-data/ with CIFAR-10 in parts, and prints the device calls that run
+# scripts/gpu-bench.sh there (benchmarks/gpu_train.py -> benchmarks/results/gpu_train.json).
+bench-gpu-prepare: $(TEST_STAMP)
+	PYTHON=$(PY) bash scripts/gpu-bench.sh prepare
 
 loadtest: $(LOAD_STAMP)
 	$(PY) -m loadtest.run

@@ -90,7 +90,30 @@ def training_section(data: dict[str, Any]) -> list[str]:
         f"{met(data['max_overhead'] <= data['target_max_overhead'])}.",
         "",
     ]
-    return lines
+    return lines + _device_data_lines(data.get("data_on_device"), data["machine"])
+
+
+def _device_data_lines(device: dict[str, Any] | None, machine: dict[str, Any]) -> list[str]:
+    """The data held on the device vs fed from the host (trainer/device_data.py), per profile."""
+    if not device:
+        return ["Data on the device vs fed from the host: not measured in this run.", ""]
+    where = f"{machine['gpus']} GPU(s)" if machine.get("gpus") else "this CPU (host and device share memory)"
+    lines = [
+        f"Data on the device vs fed from the host, on {where}: {device['method']}; data: {device['data']}.",
+        "",
+        "| profile | arch (width) | batch | steps/execution | host images/s | device images/s "
+        "| device/host |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in device["results"]:
+        if "error" in r:
+            lines.append(f"| {r['profile']} | {r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['profile']} | {r['arch']} ({r['width']}) | {r['batch_size']} | {r['steps_per_execution']} "
+            f"| {r['host_images_per_s']:.1f} | {r['device_images_per_s']:.1f} | {r['speedup']:.2f}x |"
+        )
+    return [*lines, ""]
 
 
 def _augment_text(augment: dict[str, Any]) -> str:

@@ -414,3 +414,26 @@ def test_real_hey_output_is_read_with_status_codes_and_offsets(tmp_path: Path) -
     assert all(0 <= a.offset_s < 1.5 and 0 < a.latency_s < 1 for a in answers)
     s = bench.summarize(answers, warmup_s=0.0, duration_s=1.0, images_per_request=2)
     assert s["errors"] == sum(a.status == 503 for a in answers if a.offset_s < 1.0) > 0
+
+
+def test_training_section_shows_data_on_the_device_beside_the_host(tmp_path: Path) -> None:
+    data = train_json(None)
+    data["data_on_device"] = {
+        "data": "synthetic shapes", "method": "alternating fit epochs",
+        "results": [
+            {"profile": "configs/default.yaml", "arch": "bn_cnn", "width": 64, "batch_size": 64,
+             "steps_per_execution": 8, "host_images_per_s": 100.0, "device_images_per_s": 150.0,
+             "speedup": 1.5},
+            {"profile": "configs/airbench94.yaml",
+             "error": "profile configs/airbench94.yaml not found; skipped"},
+        ],
+    }  # fmt: skip
+    write(tmp_path, "train_throughput.json", data)
+    training = section(report.render(tmp_path, now=NOW), "## Training throughput")
+    assert "on this CPU (host and device share memory)" in training
+    assert "| configs/default.yaml | bn_cnn (64) | 64 | 8 | 100.0 | 150.0 | 1.50x |" in training
+    assert "| configs/airbench94.yaml | profile configs/airbench94.yaml not found; skipped |" in training
+    del data["data_on_device"]
+    write(tmp_path, "train_throughput.json", data)
+    training = section(report.render(tmp_path, now=NOW), "## Training throughput")
+    assert "Data on the device vs fed from the host: not measured in this run." in training
