@@ -81,8 +81,9 @@ TARGET_BARE_FRACTION = 0.70  # 16 clients: of the bare model's best batched imag
 TARGET_BATCH1_SLACK_MS = 3.0  # 1 client: p50 at most bare batch-1 latency + this
 TARGET_BATCH64_FRACTION = 0.80  # 64-image requests: of the bare model's batch-64 images/s
 TARGET_LITSERVE_RATIO = 1.0  # 16 clients: gateway req/s over LitServe's (the developers' guide: lead it)
-# LitServe's batching as its docs write it: up to 64 rows, a 5 ms window (the best of 1 or 2 ms,
-# 5 ms and 10 ms tried by hand on this machine at 16 clients).
+# LitServe's batching as its docs write it: up to 64 rows, a 5 ms window, one inference worker: the
+# best of those tried by hand at 16 clients on this 2-core machine (req/s: 1 worker with 1 ms 171,
+# 5 ms 210, 10 ms 199; 2 workers with 5 ms 199).
 LITSERVE_ARGS = ["--workers", "1", "--max-batch-size", "64", "--batch-timeout-s", "0.005"]
 
 
