@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 
-from loadtest.gateway_process import GatewayProcess, running_gateway
+from loadtest.gateway_process import GatewayProcess, running_gateway, wait_until
 from tests.fixtures.exported import ExportedModel
 
 POLL_INTERVAL_S = 0.3
@@ -93,6 +94,22 @@ def healthy_double(tfserving_gateway: TFServingDrillGateway) -> Iterator[TFServi
     """The TF Serving gateway with its double up and fast before and after each drill."""
     tfserving_gateway.double.set_delay(0.0)
     tfserving_gateway.double.set_down(False)
+    _wait_until_predictions_flow(tfserving_gateway.url)
     yield tfserving_gateway
     tfserving_gateway.double.set_delay(0.0)
     tfserving_gateway.double.set_down(False)
+    _wait_until_predictions_flow(tfserving_gateway.url)
+
+
+def _wait_until_predictions_flow(url: str) -> None:
+    """A drill that stopped the double leaves a worker's circuit breaker open for its interval: the
+    next drill starts once predictions answer 200 again (every connection new, so both workers)."""
+    from tests.drills.traffic import predict_once, small_png
+
+    image = small_png(0)
+
+    def ten_in_a_row() -> bool:
+        with requests.Session() as session:
+            return all(predict_once(session, url, image, fresh=True).status == 200 for _ in range(10))
+
+    wait_until(ten_in_a_row, 30, "the gateway answering predictions after the drill")
