@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests.jax_subprocess import run_under_jax
+from tests.trainer.preemption import KillAfterEpoch, Killed
 from trainer import config as config_mod
 from trainer.models import build_model
 from trainer.models.airbench import WHITEN_EPS, Lookahead, PartialDirac, predict_tta
@@ -346,20 +347,6 @@ def test_airbench_trains_under_jax(tmp_path):
     check_tiny_run(outcome)
 
 
-class _Killed(Exception):
-    pass
-
-
-class _KillAfterEpoch(keras.callbacks.Callback):
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.n = n
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if epoch + 1 == self.n:
-            raise _Killed(f"killed after epoch {self.n}")
-
-
 @pytest.mark.slow
 def test_a_resumed_airbench_run_equals_an_uninterrupted_one(tmp_path):
     """The lookahead average is not checkpointed: at an epoch end the model equals it, so a run
@@ -371,8 +358,8 @@ def test_a_resumed_airbench_run_equals_an_uninterrupted_one(tmp_path):
     config = config_mod.from_dict(overrides, config_mod.load(CONFIG))
     quiet = lambda _m: None  # noqa: E731
     train(config, tmp_path / "straight", evaluate=False, log=quiet)
-    with pytest.raises(_Killed):
-        train(config, tmp_path / "killed", callbacks=[_KillAfterEpoch(2)], evaluate=False, log=quiet)
+    with pytest.raises(Killed):
+        train(config, tmp_path / "killed", callbacks=[KillAfterEpoch(2)], evaluate=False, log=quiet)
     train(config, tmp_path / "killed", resume=True, evaluate=False, log=quiet)
     w1 = keras.saving.load_model(tmp_path / "straight" / "checkpoints" / "last.keras", compile=False).weights
     w2 = keras.saving.load_model(tmp_path / "killed" / "checkpoints" / "last.keras", compile=False).weights

@@ -24,6 +24,7 @@ import pytest
 
 from tests.fixtures.training import tiny_config
 from tests.jax_subprocess import run_under_jax
+from tests.trainer.preemption import KillAfterEpoch, Killed
 from trainer import accelerator
 from trainer.accelerator import bfloat16_supported
 from trainer.device_data import DeviceBatches, epoch_permutation, steps_per_execution, use_device_data
@@ -102,16 +103,6 @@ def test_mixed_precision_stays_float32_on_cpu_and_bfloat16_needs_a_device_that_h
         keras.mixed_precision.set_global_policy("float32")
 
 
-class _Killed(Exception):
-    pass
-
-
-class _KillAfterEpoch(keras.callbacks.Callback):
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if epoch == 0:
-            raise _Killed
-
-
 def _losses(history: list[dict]) -> list[float]:
     return [row["loss"] for row in history]
 
@@ -134,8 +125,8 @@ def test_device_path_trains_like_the_host_path_and_resumes(tmp_path: Path) -> No
     np.testing.assert_allclose([r["val_loss"] for r in device.history],
                                [r["val_loss"] for r in host.history], rtol=1e-5)  # fmt: skip
 
-    with pytest.raises(_Killed):
-        train(on, tmp_path / "killed", callbacks=[_KillAfterEpoch()], evaluate=False, log=lambda _m: None)
+    with pytest.raises(Killed):
+        train(on, tmp_path / "killed", callbacks=[KillAfterEpoch(1)], evaluate=False, log=lambda _m: None)
     # Resumed with the data fed from the host (as on a machine without the accelerator): the same
     # batches, so the same run; the setting does not block the resume.
     host_config = tiny_config(**sections)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.fixtures.training import tiny_config
+from tests.trainer.preemption import KillAfterEpoch, Killed
 from trainer.pipeline import ShuffledBatches
 from trainer.schedules import WarmupSchedule
 from trainer.train import TrainingError, train
@@ -56,22 +57,6 @@ def test_run_directory_layout(trained_run_dir: Path) -> None:
     assert names == ["best.keras", "epoch-0003.keras", "last.keras", "state.json"]
 
 
-class _Killed(Exception):
-    pass
-
-
-class _KillAfterEpoch(keras.callbacks.Callback):
-    """Simulates preemption: dies at the end of epoch `n` (after the checkpoint was written)."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.n = n
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if epoch + 1 == self.n:
-            raise _Killed(f"killed after epoch {self.n}")
-
-
 @pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path: Path) -> None:
     # Cutout and dropout on: their random-generator counters must survive the restart too.
@@ -83,8 +68,8 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path: Path) -> None:
     )
     straight = train(config, tmp_path / "straight", evaluate=False, log=_quiet)
 
-    with pytest.raises(_Killed):
-        train(config, tmp_path / "killed", callbacks=[_KillAfterEpoch(1)], evaluate=False, log=_quiet)
+    with pytest.raises(Killed):
+        train(config, tmp_path / "killed", callbacks=[KillAfterEpoch(1)], evaluate=False, log=_quiet)
     state = json.loads((tmp_path / "killed" / "checkpoints" / "state.json").read_text())
     assert state["epoch"] == 1 and state["finished"] is False
     resumed = train(config, tmp_path / "killed", resume=True, evaluate=False, log=_quiet)
@@ -152,8 +137,8 @@ def test_ema_best_model_holds_the_averaged_weights_and_resume_keeps_them(tmp_pat
         train={"epochs": 3, "batch_size": 50, "ema_momentum": 0.9},
     )
     straight = train(config, tmp_path / "straight", evaluate=False, log=_quiet)
-    with pytest.raises(_Killed):
-        train(config, tmp_path / "killed", callbacks=[_KillAfterEpoch(1)], evaluate=False, log=_quiet)
+    with pytest.raises(Killed):
+        train(config, tmp_path / "killed", callbacks=[KillAfterEpoch(1)], evaluate=False, log=_quiet)
     resumed = train(config, tmp_path / "killed", resume=True, evaluate=False, log=_quiet)
     for a, b in zip(straight.history, resumed.history, strict=True):
         assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1e-6)
