@@ -249,20 +249,23 @@ def serving_section(data: dict[str, Any]) -> list[str]:
         f"its last arrives, for {s['duration_s']:g} s per level after {s['warmup_s']:g} s not counted.",
         "Errors are answers other than 200 (hey's CSV lists only requests that got an answer).",
         "",
-        "| bare model, in process | ms per call (median) | images/s |",
-        "|---|---:|---:|",
+        "| bare model, in process | ms per call (median) | images/s | CPU ms per image |",
+        "|---|---:|---:|---:|",
     ]  # fmt: skip
     for b in bare["batches"]:
-        lines.append(f"| batch {b['batch']} | {b['median_ms']:.2f} | {b['images_per_s']:.0f} |")
+        lines.append(f"| batch {b['batch']} | {b['median_ms']:.2f} | {b['images_per_s']:.0f} "
+                     f"| {_opt(b.get('cpu_ms_per_image'), '.2f')} |")  # fmt: skip
     lines += [
         "",
         "\"Of bare\": images/s as a fraction of the bare model's best batched images/s (of its batch-64",
         "images/s for 64-image requests). \"vs naive\", \"vs LitServe\": req/s over the naive app's, over",
-        "LitServe's, at the same clients.",
+        "LitServe's, at the same clients. CPU ms/request: CPU seconds of the server's processes (\"server\")",
+        "and of hey (\"hey\", on the same cores) over the level, per answered request; \"batch\": images per",
+        "model call in the gateway (its /metrics).",
         "",
         "| app | images/request | clients | req/s | images/s | of bare | vs naive | vs LitServe | p50 ms "
-        "| p90 ms | p99 ms | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| p90 ms | p99 ms | errors | server CPU ms/request | hey CPU ms/request | batch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["runs"]:
         codes = {c: n for c, n in r["status_codes"].items() if c != "200"}
@@ -275,12 +278,44 @@ def serving_section(data: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {r['app']} | {r['images_per_request']} | {r['clients']} | {r['rps']:.1f} "
             f"| {r['images_per_s']:.0f} | {r['fraction_of_bare']:.0%} | {vs} | {vs_lit} | {latencies} "
-            f"| {errors} |"
+            f"| {errors} | {_opt(r.get('server_cpu_ms_per_request'), '.2f')} "
+            f"| {_opt(r.get('client_cpu_ms_per_request'), '.2f')} | {_opt(r.get('mean_batch'), '.1f')} |"
         )
     lines += ["", "| target (issue 14) | measured | result |", "|---|---|---|"]
     lines += [f"| {t['name']} | {t['text']} | {met(t['met'])} |" for t in data["targets"]]
-    lines.append("")
+    lines += ["", *_cpu_budget_lines(data.get("cpu_budget"), data["bare_model"])]
     return lines
+
+
+def _cpu_budget_lines(budget: dict[str, Any] | None, bare: dict[str, Any]) -> list[str]:
+    """Where a request's CPU goes at 16 clients, against what the 70% target leaves."""
+    if not budget:
+        return ["CPU per request: not measured (results written before the benchmark recorded CPU).", ""]
+    at_batch = (
+        f"{budget['model_at_mean_batch_ms']:.2f} ms per image at the batch nearest its mean of "
+        f"{budget['mean_batch']:.1f}, "
+        if budget.get("model_at_mean_batch_ms") is not None
+        else ""
+    )
+    lines = [
+        f"Where the CPU of a request goes at 16 clients (the {budget['cores']} cores are shared by the",
+        f"servers and hey): the gateway's processes spend {budget['gateway_ms']:.2f} ms per request and hey",
+        f"{budget['client_ms']:.2f} ms. The bare model spends {at_batch}{budget['model_best_ms']:.2f} at its",
+        f"best batch ({bare['batched_best_batch']}), so the gateway spends about "
+        f"{budget['gateway_beside_model_ms']:.2f} ms per request beside",
+        "the model (HTTP parsing, Flask, decoding, threads, loopback TCP). The 70% target means "
+        f"{budget['allowed_ms']:.2f} ms",
+        f"of CPU per request in all on these cores: {budget['allowed_beside_model_ms']:.2f} ms beside the "
+        "model at its best batch and hey.",
+    ]
+    if budget.get("naive_ms") is not None:
+        lines += [
+            f"The naive app spends {budget['naive_ms']:.2f} ms per request (with hey's); both saturate the "
+            f"cores, so {budget['naive_ratio']:g}x its req/s",
+            f"leaves the gateway {budget['allowed_for_naive_ratio_ms']:.2f} ms per request, against the "
+            f"bare model's {budget['model_best_ms']:.2f} ms per image at its best batch.",
+        ]
+    return [*lines, ""]
 
 
 def _ms_cell(timing: dict[str, float]) -> str:

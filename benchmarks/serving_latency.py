@@ -23,6 +23,12 @@ One run, one machine, in this order:
 Latencies and status codes are hey's per-request CSV (-o csv); requests started in the first
 --warmup seconds of each level are not counted. The targets of issue 14 are computed from the figures.
 
+CPU: each level also records the CPU seconds of the server's processes (all of them: gunicorn's
+master and workers, LitServe's API and inference processes, the TF Serving double) and of hey, per
+answered request, and for the gateway the mean batch its model calls ran (its /metrics); the bare
+model records its CPU per image. CPU per request moves far less than req/s when other processes
+share the machine, and it says where the time of a request goes (`cpu_budget`).
+
   python -m benchmarks.serving_latency [--duration 8] [--warmup 1] [--quick] [--run-dir RUN]
       [--out benchmarks/results/serving_latency.json]
 """
@@ -35,6 +41,7 @@ import io
 import json
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -49,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from PIL import Image
 
 from benchmarks.machine import describe, load_average
@@ -64,7 +72,7 @@ BOUNDARY = "benchmark-boundary-7f3a"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
 HEY = "/usr/bin/hey"
 
-BARE_BATCHES = (1, 8, 16, 32, 64)
+BARE_BATCHES = (1, 2, 4, 8, 16, 32, 64)  # 2 and 4: the batches the gateway forms at 16 clients
 GATEWAY_CLIENTS = (1, 4, 16, 64)  # one image per request
 GATEWAY_BATCH_CLIENTS = (1, 2, 4)  # 64 images per request
 NAIVE_CLIENTS = (1, 16, 64)
@@ -185,17 +193,18 @@ def measure_bare_model(model_path: Path, duration_s: float) -> dict[str, Any]:
         for _ in range(3):
             signature(**{IMAGES_KEY: images})[PROBABILITIES_KEY].numpy()
         times: list[float] = []
+        cpu_start = time.process_time()  # every thread of this process: TensorFlow's pools included
         stop_at = time.perf_counter() + duration_s
         while time.perf_counter() < stop_at:
             start = time.perf_counter()
             signature(**{IMAGES_KEY: images})[PROBABILITIES_KEY].numpy()
             times.append(time.perf_counter() - start)
+        cpu_ms_per_image = 1000 * (time.process_time() - cpu_start) / (batch * len(times))
         median = float(np.median(times))
-        rows.append(
-            {"batch": batch, "calls": len(times), "median_ms": 1000 * median, "images_per_s": batch / median}
-        )
-        print(f"bare model, batch {batch:2}: {1000 * median:7.2f} ms per call, "
-              f"{batch / median:7.0f} images/s", flush=True)  # fmt: skip
+        rows.append({"batch": batch, "calls": len(times), "median_ms": 1000 * median,
+                     "images_per_s": batch / median, "cpu_ms_per_image": cpu_ms_per_image})  # fmt: skip
+        print(f"bare model, batch {batch:2}: {1000 * median:7.2f} ms per call, {batch / median:7.0f} "
+              f"images/s, CPU {cpu_ms_per_image:.2f} ms per image", flush=True)  # fmt: skip
     return bare_summary(rows)
 
 
@@ -208,8 +217,17 @@ def bare_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "batch1_images_per_s": by_batch[1]["images_per_s"],
         "batched_images_per_s": batched["images_per_s"],
         "batched_best_batch": batched["batch"],
+        "batched_cpu_ms_per_image": batched.get("cpu_ms_per_image"),
         "batch64_images_per_s": by_batch[BATCH_IMAGES]["images_per_s"],
     }
+
+
+def bare_cpu_at(bare: dict[str, Any], batch: float) -> float | None:
+    """The bare model's CPU ms per image at the measured batch size nearest `batch` (on a log scale)."""
+    rows = [r for r in bare["batches"] if r.get("cpu_ms_per_image") is not None]
+    if not rows or batch <= 0:
+        return None
+    return min(rows, key=lambda r: abs(math.log(r["batch"] / batch)))["cpu_ms_per_image"]
 
 
 # -- hey ---------------------------------------------------------------------------------------------
@@ -270,6 +288,61 @@ def run_hey(url: str, body: Path, clients: int, seconds: float, timeout_s: int) 
     return parse_hey_csv(done.stdout)
 
 
+# -- CPU accounting ----------------------------------------------------------------------------------
+
+
+def tree_cpu_s(roots: list[psutil.Process]) -> float:
+    """User + system CPU seconds of `roots` and every process below them, so far."""
+    total = 0.0
+    for root in roots:
+        try:
+            processes = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for process in processes:
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue  # ended between the listing and the reading: its time is lost, not guessed
+            total += times.user + times.system
+    return total
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's ended and waited-for children (hey, once run_hey returns)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def batch_totals(url: str) -> tuple[float, float] | None:
+    """(images, model calls) the gateway's batchers ran so far, from its /metrics; None without them."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    totals: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        if family.name == "gateway_batch_size":
+            for sample in family.samples:
+                totals[sample.name] += sample.value
+    if "gateway_batch_size_count" not in totals:
+        return None
+    return totals["gateway_batch_size_sum"], totals["gateway_batch_size_count"]
+
+
+@dataclass(frozen=True)
+class Server:
+    """What a level loads: its processes (for their CPU) and, for the gateway, its base URL (/metrics)."""
+
+    processes: list[psutil.Process]
+    metrics_url: str | None = None
+
+
 # -- the levels --------------------------------------------------------------------------------------
 
 
@@ -288,16 +361,37 @@ def measure_levels(
     images_per_request: int,
     clients: tuple[int, ...],
     load: Load,
+    server: Server,
 ) -> None:
     """One hey run per client count; one row each in results["runs"]."""
     for count in clients:
+        batches = batch_totals(server.metrics_url) if server.metrics_url else None
+        server_cpu, client_cpu, started = tree_cpu_s(server.processes), children_cpu_s(), time.monotonic()
         answers = run_hey(url, body, count, load.warmup_s + load.duration_s, load.timeout_s)
         row = {"app": app, "images_per_request": images_per_request, "clients": count,
-               **summarize(answers, load.warmup_s, load.duration_s, images_per_request)}  # fmt: skip
+               **summarize(answers, load.warmup_s, load.duration_s, images_per_request),
+               **cpu_figures(answers, tree_cpu_s(server.processes) - server_cpu,
+                             children_cpu_s() - client_cpu, time.monotonic() - started)}  # fmt: skip
+        after = batch_totals(server.metrics_url) if batches else None
+        if batches and after and after[1] > batches[1]:
+            row["mean_batch"] = (after[0] - batches[0]) / (after[1] - batches[1])
         results["runs"].append(row)
         print(f"{app:28} {images_per_request:2} img  c={count:<3} req/s={row['rps']:8.1f} "
               f"img/s={row['images_per_s']:7.0f} p50={_ms(row['p50_ms'])} p99={_ms(row['p99_ms'])} "
-              f"errors={row['errors']} {row['status_codes']}", flush=True)  # fmt: skip
+              f"errors={row['errors']} {row['status_codes']} CPU ms/request: server "
+              f"{_ms(row['server_cpu_ms_per_request'])} hey {_ms(row['client_cpu_ms_per_request'])}",
+              flush=True)  # fmt: skip
+
+
+def cpu_figures(answers: list[Answer], server_s: float, client_s: float, wall_s: float) -> dict[str, Any]:
+    """CPU per answered request over the whole hey run (warm-up included: CPU cannot be split by
+    request), and the cores the server kept busy."""
+    answered = sum(1 for a in answers if a.status == 200)
+    return {
+        "server_cpu_ms_per_request": 1000 * server_s / answered if answered else None,
+        "client_cpu_ms_per_request": 1000 * client_s / answered if answered else None,
+        "server_cores": server_s / wall_s if wall_s > 0 else None,
+    }
 
 
 def _ms(value: float | None) -> str:
@@ -316,9 +410,10 @@ def gateway_env(model_base: Path, tfserving_address: str = "") -> dict[str, str]
 def measure_gateway(results: dict, model_base: Path, bodies: dict[int, Path], args: argparse.Namespace,
                     load: Load) -> None:  # fmt: skip
     with running_gateway(gateway_env(model_base), workers=args.workers, startup_timeout=180) as gateway:
-        url = gateway.url + "/v1/predict"
-        measure_levels(results, GATEWAY, url, bodies[1], 1, GATEWAY_CLIENTS, load)
-        measure_levels(results, GATEWAY, url, bodies[BATCH_IMAGES], BATCH_IMAGES, GATEWAY_BATCH_CLIENTS, load)
+        url, server = gateway.url + "/v1/predict", Server([gateway.master], gateway.url)
+        measure_levels(results, GATEWAY, url, bodies[1], 1, GATEWAY_CLIENTS, load, server)
+        measure_levels(results, GATEWAY, url, bodies[BATCH_IMAGES], BATCH_IMAGES, GATEWAY_BATCH_CLIENTS, load,
+                       server)  # fmt: skip
 
 
 def measure_naive_app(results: dict, run_dir: Path, body: Path, args: argparse.Namespace, load: Load) -> None:
@@ -327,7 +422,8 @@ def measure_naive_app(results: dict, run_dir: Path, body: Path, args: argparse.N
     app = "benchmarks.naive_flask:create_app()"
     with running_gateway(env, workers=args.workers, app=app, probe_path="/predict", probe_statuses=(405,),
                          startup_timeout=180) as naive:  # fmt: skip
-        measure_levels(results, NAIVE, naive.url + "/predict", body, 1, NAIVE_CLIENTS, load)
+        server = Server([naive.master])
+        measure_levels(results, NAIVE, naive.url + "/predict", body, 1, NAIVE_CLIENTS, load, server)
 
 
 def measure_litserve(results: dict, model_path: Path, body: Path, work: Path, load: Load) -> None:
@@ -353,7 +449,8 @@ def measure_litserve(results: dict, model_path: Path, body: Path, work: Path, lo
                 raise RuntimeError(f"LitServe did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
         results["settings"]["litserve"] = " ".join(LITSERVE_ARGS)
-        measure_levels(results, LITSERVE, url + "/predict", body, 1, LITSERVE_CLIENTS, load)
+        server = Server([psutil.Process(process.pid)])
+        measure_levels(results, LITSERVE, url + "/predict", body, 1, LITSERVE_CLIENTS, load, server)
     finally:
         os.killpg(process.pid, signal.SIGTERM)  # LitServe's API server and inference workers
         try:
@@ -374,10 +471,10 @@ def _answers(url: str) -> bool:
 
 
 @contextmanager
-def tfserving_double(model_base: Path, log_path: Path) -> Iterator[str]:
+def tfserving_double(model_base: Path, log_path: Path) -> Iterator[tuple[str, int]]:
     """The TF Serving test double (`python -m tests.tfserving_double`) as its own process; yields its
-    host:port. (tests/fixtures/tfserving.py's ProcessDouble does the same for the test suite, but
-    importing it needs pytest, which `make bench-serve` does not install.)"""
+    host:port and process id. (tests/fixtures/tfserving.py's ProcessDouble does the same for the test
+    suite, but importing it needs pytest, which `make bench-serve` does not install.)"""
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "tests.tfserving_double", "--model-base", str(model_base), "--port", "0"],
@@ -397,7 +494,7 @@ def tfserving_double(model_base: Path, log_path: Path) -> Iterator[str]:
             raise RuntimeError(
                 f"the TF Serving double exited ({process.wait()}):\n{log_path.read_text()[-3000:]}"
             )
-        yield address
+        yield address, process.pid
     finally:
         process.terminate()
         try:
@@ -410,12 +507,14 @@ def tfserving_double(model_base: Path, log_path: Path) -> Iterator[str]:
 def measure_tfserving(results: dict, model_base: Path, body: Path, work: Path, args: argparse.Namespace,
                       load: Load) -> None:  # fmt: skip
     with (
-        tfserving_double(model_base, work / "tfserving-double.log") as address,
+        tfserving_double(model_base, work / "tfserving-double.log") as (address, double_pid),
         running_gateway(
             gateway_env(model_base, address), workers=args.workers, startup_timeout=180
         ) as gateway,
     ):
-        measure_levels(results, TFSERVING, gateway.url + "/v1/predict", body, 1, TFSERVING_CLIENTS, load)
+        server = Server([gateway.master, psutil.Process(double_pid)])  # the gateway and the model server
+        url = gateway.url + "/v1/predict"
+        measure_levels(results, TFSERVING, url, body, 1, TFSERVING_CLIENTS, load, server)
 
 
 # -- ratios and targets ------------------------------------------------------------------------------
@@ -438,6 +537,43 @@ def add_ratios(results: dict) -> None:
         r["vs_naive"] = r["rps"] / base["rps"] if base and base["rps"] > 0 else None
         lit = litserve.get(r["clients"]) if r["images_per_request"] == 1 and r["app"] != LITSERVE else None
         r["vs_litserve"] = r["rps"] / lit["rps"] if lit and lit["rps"] > 0 else None
+
+
+def cpu_budget(results: dict) -> dict[str, Any] | None:
+    """Where a request's CPU goes at 16 clients, beside what the 70% target allows: on this machine's
+    cores, TARGET_BARE_FRACTION of the bare model's batched images/s leaves `allowed_ms` of CPU per
+    request for everything (model, gateway, hey); the bare model takes its CPU per image, hey its
+    share, and the rest is what the gateway may spend beside the model. None without CPU figures."""
+    bare, g16 = results["bare_model"], _row(results, GATEWAY, 1, 16)
+    cores = results.get("machine", {}).get("cpu_count")
+    model_best = bare.get("batched_cpu_ms_per_image")
+    if not g16 or g16.get("server_cpu_ms_per_request") is None or model_best is None or not cores:
+        return None
+    mean_batch = g16.get("mean_batch")
+    model_at_batch = bare_cpu_at(bare, mean_batch) if mean_batch else None
+    allowed = cores * 1000 / (TARGET_BARE_FRACTION * bare["batched_images_per_s"])
+    client = g16["client_cpu_ms_per_request"] or 0.0
+    gateway = g16["server_cpu_ms_per_request"]
+    # Both apps saturate the cores at 16 clients, so their req/s ratio is about the inverse ratio of
+    # their CPU per request (hey's included): TARGET_NAIVE_RATIO x the naive app's req/s leaves the
+    # gateway the naive app's CPU per request / TARGET_NAIVE_RATIO, less hey's.
+    n16 = _row(results, NAIVE, 1, 16)
+    naive = (n16["server_cpu_ms_per_request"] + (n16["client_cpu_ms_per_request"] or 0.0)
+             if n16 and n16.get("server_cpu_ms_per_request") is not None else None)  # fmt: skip
+    return {
+        "cores": cores,
+        "allowed_ms": allowed,  # CPU ms per request, all processes, at the target's rate
+        "model_best_ms": model_best,  # bare model CPU ms per image at its best batch
+        "mean_batch": mean_batch,  # images per model call in the gateway at 16 clients
+        "model_at_mean_batch_ms": model_at_batch,  # bare CPU ms per image at the nearest measured batch
+        "gateway_ms": gateway,  # the gateway's processes, CPU ms per request
+        "client_ms": client,  # hey, CPU ms per request
+        "gateway_beside_model_ms": gateway - (model_at_batch if model_at_batch is not None else model_best),
+        "allowed_beside_model_ms": allowed - model_best - client,
+        "naive_ratio": TARGET_NAIVE_RATIO,
+        "naive_ms": naive,  # the naive app's processes and hey, CPU ms per request at 16 clients
+        "allowed_for_naive_ratio_ms": naive / TARGET_NAIVE_RATIO - client if naive is not None else None,
+    }
 
 
 def _row(results: dict, app: str, images: int, clients: int) -> dict | None:
@@ -550,6 +686,12 @@ def print_summary(results: dict) -> None:
     print()
     for t in results["targets"]:
         print(f"{'met   ' if t['met'] else 'MISSED'}  {t['name']}: {t['text']}")  # fmt: skip
+    budget = results.get("cpu_budget")
+    if budget:
+        print(f"\nCPU per request at 16 clients: gateway {budget['gateway_ms']:.2f} ms (beside the model "
+              f"{budget['gateway_beside_model_ms']:.2f}), hey {budget['client_ms']:.2f}; the 70% target "
+              f"allows {budget['allowed_ms']:.2f} in all, {budget['allowed_beside_model_ms']:.2f} beside the "
+              "model")  # fmt: skip
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -647,6 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     results["wall_s"] = round(time.monotonic() - started, 1)
     add_ratios(results)
     results["targets"] = check_targets(results)
+    results["cpu_budget"] = cpu_budget(results)
     print_summary(results)
     print(f"\nwall time {results['wall_s']:.0f} s")
     if args.out:

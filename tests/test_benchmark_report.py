@@ -97,9 +97,9 @@ def serving_json() -> dict[str, Any]:
                 "p50_ms": 3.0, "p90_ms": 4.0, "p99_ms": p99, "max_ms": 120.0}  # fmt: skip
 
     rows = [bench.bare_summary([
-        {"batch": 1, "calls": 50, "median_ms": 5.0, "images_per_s": 200.0},
-        {"batch": 8, "calls": 50, "median_ms": 25.0, "images_per_s": 320.0},
-        {"batch": 64, "calls": 10, "median_ms": 160.0, "images_per_s": 400.0},
+        {"batch": 1, "calls": 50, "median_ms": 5.0, "images_per_s": 200.0, "cpu_ms_per_image": 6.0},
+        {"batch": 8, "calls": 50, "median_ms": 25.0, "images_per_s": 320.0, "cpu_ms_per_image": 4.5},
+        {"batch": 64, "calls": 10, "median_ms": 160.0, "images_per_s": 400.0, "cpu_ms_per_image": 4.0},
     ])]  # fmt: skip
     results = {
         "command": "python -m benchmarks.serving_latency --duration 8",
@@ -114,8 +114,12 @@ def serving_json() -> dict[str, Any]:
                  run(bench.GATEWAY, 64, 2, 5.5), run(bench.NAIVE, 1, 1, 10.0), run(bench.NAIVE, 1, 16, 15.0),
                  run(bench.LITSERVE, 1, 16, 250.0), run(bench.TFSERVING, 1, 16, 100.0, errors=2)],
     }  # fmt: skip
+    # CPU of the 16-client gateway level: 7 ms per request in its processes, 0.5 in hey, batches of 5.
+    results["runs"][1].update(server_cpu_ms_per_request=7.0, client_cpu_ms_per_request=0.5, mean_batch=5.0)
+    results["runs"][4].update(server_cpu_ms_per_request=120.0, client_cpu_ms_per_request=0.5)  # naive, 16
     bench.add_ratios(results)
     results["targets"] = bench.check_targets(results)
+    results["cpu_budget"] = bench.cpu_budget(results)
     return results
 
 
@@ -251,6 +255,42 @@ def test_serving_targets_are_computed_from_the_figures(full_results: Path) -> No
     # The TF Serving run's two 503s count against the gateway.
     assert "| no error at any gateway load level | 2 errors in 402 requests | MISSED |" in body
     assert "| no answer later than the request deadline (10 s) | slowest 120 ms | met |" in body
+
+
+def test_serving_cpu_per_request_and_the_budget_of_the_70_percent_target(full_results: Path) -> None:
+    body = section(report.render(full_results, now=NOW), "## Serving latency")
+    assert "| batch 8 | 25.00 | 320 | 4.50 |" in body
+    # The 16-client row carries its CPU figures; rows measured without them say "-".
+    assert "| 80.0 | 0 | 7.00 | 0.50 | 5.0 |" in body
+    assert "| gateway | 1 | 1 | 150.0 |" in body and "| 0 | - | - | - |" in body
+    # 70% of 400 images/s on 2 cores: 2000 / 280 = 7.14 ms per request in all; beside the model at its
+    # best batch (4.0) and hey (0.5): 2.64. The mean batch of 5 is nearest the measured batch 8 (4.5 ms
+    # per image), so the gateway spends 7.0 - 4.5 = 2.50 ms beside the model.
+    assert "spend 7.00 ms per request and hey\n0.50 ms" in body
+    assert "4.50 ms per image at the batch nearest its mean of 5.0" in body
+    assert "about 2.50 ms per request beside" in body
+    assert "7.14 ms\nof CPU per request in all on these cores: 2.64 ms beside" in body
+    # The naive app: 120 + 0.5 ms per request; 15x its req/s leaves 120.5 / 15 - 0.5 = 7.53 ms.
+    assert "The naive app spends 120.50 ms per request" in body
+    assert "so 15x its req/s\nleaves the gateway 7.53 ms per request" in body
+
+
+def test_results_without_cpu_figures_say_so(tmp_path: Path) -> None:
+    data = serving_json()
+    del data["cpu_budget"]
+    write(tmp_path, "serving_latency.json", data)
+    assert "CPU per request: not measured" in section(report.render(tmp_path, now=NOW), "## Serving latency")
+
+
+def test_bare_cpu_is_read_at_the_nearest_measured_batch() -> None:
+    from benchmarks import serving_latency as bench
+
+    bare = serving_json()["bare_model"]
+    assert bench.bare_cpu_at(bare, 1.0) == 6.0
+    assert bench.bare_cpu_at(bare, 2.5) == 6.0  # log scale: 2.5 is nearer 1 than 8
+    assert bench.bare_cpu_at(bare, 3.0) == 4.5
+    assert bench.bare_cpu_at(bare, 40.0) == 4.0
+    assert bench.bare_cpu_at({"batches": [{"batch": 1}]}, 2.0) is None  # results without CPU figures
 
 
 def test_serving_targets_missed_when_the_gateway_falls_short(tmp_path: Path) -> None:
@@ -414,6 +454,66 @@ def test_real_hey_output_is_read_with_status_codes_and_offsets(tmp_path: Path) -
     assert all(0 <= a.offset_s < 1.5 and 0 < a.latency_s < 1 for a in answers)
     s = bench.summarize(answers, warmup_s=0.0, duration_s=1.0, images_per_request=2)
     assert s["errors"] == sum(a.status == 503 for a in answers if a.offset_s < 1.0) > 0
+
+
+def test_process_tree_cpu_counts_every_process_below_the_server() -> None:
+    """A server whose work runs in a grandchild (as gunicorn's workers, LitServe's inference workers):
+    its CPU is counted, and a root that has ended counts nothing instead of failing."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from benchmarks import serving_latency as bench
+
+    burn = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\n"
+    spawn = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}])"
+    parent = subprocess.Popen([sys.executable, "-c", spawn])
+    root = psutil.Process(parent.pid)
+    seen = 0.0
+    while parent.poll() is None:
+        seen = max(seen, bench.tree_cpu_s([root]))
+        time.sleep(0.02)
+    assert seen >= 0.4  # most of the grandchild's 0.6 s, read while it still ran
+    assert bench.tree_cpu_s([root]) == 0.0
+
+
+def test_batch_totals_are_read_from_the_gateways_metrics() -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from benchmarks import serving_latency as bench
+
+    registry = CollectorRegistry()
+    histogram = Histogram("gateway_batch_size", "Images in each model call", registry=registry,
+                          buckets=(1, 2, 4, 8))  # fmt: skip
+    for size in (1, 3, 8):
+        histogram.observe(size)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            payload = generate_latest(registry) if self.path == "/metrics" else b""
+            self.send_response(200 if payload else 404)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert bench.batch_totals(url) == (12.0, 3.0)
+        registry.unregister(histogram)  # a server without batching (the TF Serving backend): no figure
+        assert bench.batch_totals(url) is None
+    finally:
+        server.shutdown()
+    assert bench.batch_totals(url) is None  # nothing answers
 
 
 def test_training_section_shows_data_on_the_device_beside_the_host(tmp_path: Path) -> None:
