@@ -288,33 +288,31 @@ def serving_section(data: dict[str, Any]) -> list[str]:
 
 
 def _cpu_budget_lines(budget: dict[str, Any] | None, bare: dict[str, Any]) -> list[str]:
-    """Where a request's CPU goes at 16 clients, against what the 70% target leaves."""
+    """Where a request's CPU goes at 16 clients, against what the 70% and naive-ratio targets leave:
+    a short list, one figure per line."""
     if not budget:
         return ["CPU per request: not measured (results written before the benchmark recorded CPU).", ""]
-    at_batch = (
-        f"{budget['model_at_mean_batch_ms']:.2f} ms per image at the batch nearest its mean of "
-        f"{budget['mean_batch']:.1f}, "
-        if budget.get("model_at_mean_batch_ms") is not None
-        else ""
-    )
+    model = f"{budget['model_best_ms']:.2f} ms per image at its best batch ({bare['batched_best_batch']})"
+    if budget.get("model_at_mean_batch_ms") is not None:
+        model = (f"{budget['model_at_mean_batch_ms']:.2f} ms per image at the batch nearest the gateway's "
+                 f"mean of {budget['mean_batch']:.1f}; {model}")  # fmt: skip
     lines = [
-        f"Where the CPU of a request goes at 16 clients (the {budget['cores']} cores are shared by the",
-        f"servers and hey): the gateway's processes spend {budget['gateway_ms']:.2f} ms per request and hey",
-        f"{budget['client_ms']:.2f} ms. The bare model spends {at_batch}{budget['model_best_ms']:.2f} at its",
-        f"best batch ({bare['batched_best_batch']}), so the gateway spends about "
-        f"{budget['gateway_beside_model_ms']:.2f} ms per request beside",
-        "the model (HTTP parsing, Flask, decoding, threads, loopback TCP). The 70% target means "
-        f"{budget['allowed_ms']:.2f} ms",
-        f"of CPU per request in all on these cores: {budget['allowed_beside_model_ms']:.2f} ms beside the "
-        "model at its best batch and hey.",
+        f"Where the CPU of a request goes at 16 clients (servers and hey share the {budget['cores']} cores):",
+        "",
+        f"- the gateway's processes: {budget['gateway_ms']:.2f} ms per request; "
+        f"hey: {budget['client_ms']:.2f} ms",
+        f"- the bare model: {model}",
+        f"- so the gateway spends about {budget['gateway_beside_model_ms']:.2f} ms per request beside the "
+        "model (HTTP parsing, Flask, decoding, threads, loopback TCP)",
+        f"- the 70% target allows {budget['allowed_ms']:.2f} ms per request in all on these cores: "
+        f"{budget['allowed_beside_model_ms']:.2f} ms beside the model at its best batch and hey",
     ]
     if budget.get("naive_ms") is not None:
-        lines += [
-            f"The naive app spends {budget['naive_ms']:.2f} ms per request (with hey's); both saturate the "
-            f"cores, so {budget['naive_ratio']:g}x its req/s",
-            f"leaves the gateway {budget['allowed_for_naive_ratio_ms']:.2f} ms per request, against the "
-            f"bare model's {budget['model_best_ms']:.2f} ms per image at its best batch.",
-        ]
+        lines.append(
+            f"- the naive app spends {budget['naive_ms']:.2f} ms per request (hey's included); both saturate "
+            f"the cores, so {budget['naive_ratio']:g}x its req/s leaves the gateway "
+            f"{budget['allowed_for_naive_ratio_ms']:.2f} ms per request"
+        )
     return [*lines, ""]
 
 

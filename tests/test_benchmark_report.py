@@ -266,13 +266,13 @@ def test_serving_cpu_per_request_and_the_budget_of_the_70_percent_target(full_re
     # 70% of 400 images/s on 2 cores: 2000 / 280 = 7.14 ms per request in all; beside the model at its
     # best batch (4.0) and hey (0.5): 2.64. The mean batch of 5 is nearest the measured batch 8 (4.5 ms
     # per image), so the gateway spends 7.0 - 4.5 = 2.50 ms beside the model.
-    assert "spend 7.00 ms per request and hey\n0.50 ms" in body
-    assert "4.50 ms per image at the batch nearest its mean of 5.0" in body
-    assert "about 2.50 ms per request beside" in body
-    assert "7.14 ms\nof CPU per request in all on these cores: 2.64 ms beside" in body
+    assert "- the gateway's processes: 7.00 ms per request; hey: 0.50 ms\n" in body
+    assert "- the bare model: 4.50 ms per image at the batch nearest the gateway's mean of 5.0; 4.00" in body
+    assert "- so the gateway spends about 2.50 ms per request beside the model" in body
+    assert "allows 7.14 ms per request in all on these cores: 2.64 ms beside the model" in body
     # The naive app: 120 + 0.5 ms per request; 15x its req/s leaves 120.5 / 15 - 0.5 = 7.53 ms.
-    assert "The naive app spends 120.50 ms per request" in body
-    assert "so 15x its req/s\nleaves the gateway 7.53 ms per request" in body
+    assert "- the naive app spends 120.50 ms per request" in body
+    assert "so 15x its req/s leaves the gateway 7.53 ms per request" in body
 
 
 def test_results_without_cpu_figures_say_so(tmp_path: Path) -> None:
