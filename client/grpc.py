@@ -15,10 +15,15 @@ retry throttling stops them while most recent attempts to the server failed (no 
 
 TLS: `ca_file` (or `tls=True` for the system roots) authenticates the server; `cert_file` and
 `key_file` add a client certificate for a server that requires one (mutual TLS).
+
+Every Predict carries a request id in its gRPC metadata (`x-request-id`, as the gateway sends its
+own): the caller's `request_id=`, else a fresh uuid4 hex. A failed call's message names it, so the
+server's operators can find the call in their logs (a service mesh's access log, Envoy).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +44,7 @@ from client.images import ImageInput, read_image, to_pixels
 from client.results import ClientError, ModelStatus, PredictResult, VersionStatus, rank
 from contract.channel import (
     MAX_MESSAGE_BYTES,
+    REQUEST_ID_METADATA,
     TLSConfigError,
     channel_options,
     open_channel,
@@ -133,10 +139,11 @@ class GRPCClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method, request, timeout: float | None):
+    def _call(self, method, request, timeout: float | None, request_id: str | None = None):
         seconds = self.timeout if timeout is None else timeout
+        metadata = ((REQUEST_ID_METADATA, request_id),) if request_id else None
         try:
-            return method(request, timeout=seconds)
+            return method(request, timeout=seconds, metadata=metadata)
         except grpc.RpcError as error:
             code = error.code()
             hint = _HINTS.get(code, "")
@@ -147,7 +154,8 @@ class GRPCClient:
             raise ClientError(
                 code.name.lower(),
                 f"TensorFlow Serving at {self.address} answered {code.name}: {error.details()}"
-                + (f" ({hint})" if hint else ""),
+                + (f" ({hint})" if hint else "")
+                + (f" (request_id {request_id})" if request_id else ""),
             ) from None
 
     def _spec(self, model_spec, signature_name: str = "") -> None:
@@ -157,11 +165,13 @@ class GRPCClient:
         if signature_name:
             model_spec.signature_name = signature_name
 
-    def signature_defs(self, *, timeout: float | None = None) -> dict[str, meta_graph_pb2.SignatureDef]:
+    def signature_defs(
+        self, *, timeout: float | None = None, request_id: str | None = None
+    ) -> dict[str, meta_graph_pb2.SignatureDef]:
         """GetModelMetadata: the model's SignatureDefs by name."""
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
         self._spec(request.model_spec)
-        response = self._call(self._predict.GetModelMetadata, request, timeout)
+        response = self._call(self._predict.GetModelMetadata, request, timeout, request_id)
         signatures = get_model_metadata_pb2.SignatureDefMap()
         if not response.metadata["signature_def"].Unpack(signatures):
             raise ClientError("bad_response", "GetModelMetadata answered without a SignatureDefMap")
@@ -181,9 +191,9 @@ class GRPCClient:
             ],
         )
 
-    def _signature(self, name: str, timeout: float | None) -> _SignatureKeys:
-        if name not in self._keys:
-            signatures = self.signature_defs(timeout=timeout)
+    def _signature(self, name: str, timeout: float | None, request_id: str | None = None) -> _SignatureKeys:
+        if name not in self._keys:  # read once per signature, as part of the first predict that needs it
+            signatures = self.signature_defs(timeout=timeout, request_id=request_id)
             if name not in signatures:
                 raise ClientError(
                     "signature_not_found",
@@ -199,12 +209,15 @@ class GRPCClient:
         top_k: int = DEFAULT_TOP_K,
         use_bytes: bool = False,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> PredictResult:
-        """Classify images (paths or (filename, bytes) pairs) in one Predict call."""
+        """Classify images (paths or (filename, bytes) pairs) in one Predict call, sent with
+        `request_id` (default: a fresh uuid4 hex) in its metadata."""
         if not images:
             raise ClientError("no_images", "pass at least one image")
+        request_id = request_id or uuid.uuid4().hex
         signature_name = BYTES_SIGNATURE if use_bytes else PIXELS_SIGNATURE
-        keys = self._signature(signature_name, timeout)
+        keys = self._signature(signature_name, timeout, request_id)
         files = [read_image(image) for image in images]
         if use_bytes:
             expected, tensor = types_pb2.DT_STRING, np.array([data for _, data in files], dtype=object)
@@ -220,7 +233,7 @@ class GRPCClient:
         request = predict_pb2.PredictRequest()
         self._spec(request.model_spec, signature_name)
         request.inputs[keys.input_key].CopyFrom(to_tensor_proto(tensor))
-        response = self._call(self._predict.Predict, request, timeout)
+        response = self._call(self._predict.Predict, request, timeout, request_id)
         try:
             probabilities_proto = response.outputs[keys.probabilities_key]
             classes_proto = response.outputs[keys.classes_key]

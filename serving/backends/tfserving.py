@@ -34,7 +34,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from contract.channel import channel_credentials, channel_options, open_channel
+from contract.channel import REQUEST_ID_METADATA, channel_credentials, channel_options, open_channel
 from contract.overload import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen, RetryBudget
 from contract.signatures import (
     ABSTAIN_KEY,
@@ -92,7 +92,6 @@ _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 # large-batch splitting) when TF Serving's --enable_batching queue overflows: it is shedding load.
 _SHEDDING = re.compile(r"batch scheduling queue .*is full", re.IGNORECASE)
 SHED_RETRY_AFTER_S = 1
-REQUEST_ID_METADATA = "x-request-id"  # gRPC metadata keys are lower case; the HTTP header's name
 _BREAKER_LEVELS = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}  # the gateway_breaker_state gauge
 _TLS_HINT = (
     "if TF Serving serves TLS, set GATEWAY_TFSERVING_TLS_CA to the CA that signed its certificate; if it "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -63,6 +64,31 @@ def test_unknown_model_is_a_clear_not_found(tfserving_double, sample_images):
             client.predict(sample_images[:1])
     assert info.value.code == "not_found"
     assert "no-such-model" in info.value.message and tfserving_double.address in info.value.message
+
+
+def _predict_ids(double) -> list[str | None]:
+    return [c.metadata.get("x-request-id") for c in double.server.received if c.method.endswith("/Predict")]
+
+
+def test_every_predict_carries_a_request_id(client, tfserving_double, sample_images):
+    """The caller's id reaches the server's metadata as given; without one, each call gets its own."""
+    before = len(_predict_ids(tfserving_double))
+    client.predict(sample_images[:1], request_id="order-42.retry_1")
+    client.predict(sample_images[:1])
+    client.predict(sample_images[:1], use_bytes=True)
+    given, fresh, other = _predict_ids(tfserving_double)[before:]
+    assert given == "order-42.retry_1"
+    assert re.fullmatch(r"[0-9a-f]{32}", fresh) and re.fullmatch(r"[0-9a-f]{32}", other) and fresh != other
+
+
+def test_a_failed_call_names_its_request_id(tfserving_double, sample_images):
+    """The first predict also reads the signatures: that call carries the same id, and its failure
+    (an unknown model) names it."""
+    with GRPCClient(tfserving_double.address, "no-such-model", timeout=10) as client:
+        with pytest.raises(ClientError) as info:
+            client.predict(sample_images[:1], request_id="ticket-7")
+    assert info.value.message.endswith("(request_id ticket-7)")
+    assert tfserving_double.server.received[-1].metadata.get("x-request-id") == "ticket-7"
 
 
 def test_missing_file_is_reported_before_any_call(client, tmp_path):
