@@ -62,6 +62,8 @@ def models() -> Response:
             "class_names": list(status.class_names or ()),
             "input_size": [INPUT_SIZE, INPUT_SIZE, 3],
             "backend": backend().kind,
+            # labels.json as this gateway applies it (stable, canary, share, mode); null without one.
+            "rollout": status.rollout,
             # What the version was trained on (null when the gateway cannot see the model base).
             "model_card": card_summary(settings().model_base_path, status.model_name, status.version),
         }

@@ -31,6 +31,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,6 +81,20 @@ def describe(labels: Labels) -> str:
         f"stable version {labels.stable}, canary version {labels.canary} "
         f"({labels.canary_percent:g}% {share}, {labels.mode})"
     )
+
+
+def rollout(labels: Labels | None, stable: int, canary: int | None) -> dict[str, Any] | None:
+    """What /v1/models says a backend routes by: the stable version, and the canary that really gets
+    traffic (or copies, in shadow mode), with its share; None without labels.json. `canary` is the
+    version the backend can answer with (None while it is not loaded), not merely the one labelled."""
+    if labels is None:
+        return None
+    return {
+        "stable": stable,
+        "canary": canary,
+        "canary_percent": labels.canary_percent if canary is not None else 0.0,
+        "mode": labels.mode,
+    }
 
 
 def labels_path(model_dir: Path) -> Path:

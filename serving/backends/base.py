@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -49,6 +49,9 @@ class ModelStatus:
     # serving the older version (TF Serving's availability-preserving policy does the same), so
     # readiness stays true; operators see here why the rollout did not happen.
     failed_versions: dict[int, str] = field(default_factory=dict)
+    # With labels.json (serving/canary.py): {"stable", "canary", "canary_percent", "mode"} as the
+    # backend applies them (canary None while that version cannot answer); None without labels.
+    rollout: dict[str, Any] | None = None
 
 
 def served_detail(served: str, failed_versions: dict[int, str]) -> str:

@@ -56,6 +56,7 @@ from serving.canary import (
     active_canary,
     observe,
     record_agreement,
+    rollout,
 )
 
 log = logging.getLogger(__name__)
@@ -435,7 +436,8 @@ class EmbeddedBackend:
         if self._label_problem:
             served += f"; {self._label_problem}"
         detail = served_detail(served, failed)
-        return ModelStatus(True, self.model_name, model.version, model.class_names, detail, failed)
+        routed = rollout(labels, model.version, None if canary is None else canary.version)
+        return ModelStatus(True, self.model_name, model.version, model.class_names, detail, failed, routed)
 
     def close(self) -> None:
         self._stop.set()

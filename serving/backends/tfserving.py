@@ -73,8 +73,10 @@ from serving.canary import (
     Labels,
     LabelsFile,
     Router,
+    active_canary,
     observe,
     record_agreement,
+    rollout,
 )
 from serving.errors import redact  # what /readyz shows of load errors: paths stay in the log
 
@@ -194,6 +196,9 @@ class TFServingBackend:
         # models.config's version_labels. No labels.json (or no labels_dir): no label, TF Serving's latest.
         self._labels_file = LabelsFile(Path(labels_dir)) if labels_dir is not None else None
         self._labels: Labels | None = None
+        # The canary version whose label TF Serving refused last (its models.config not re-read yet):
+        # its share goes to stable, so /v1/models does not call it the canary until it answers.
+        self._canary_refused: int | None = None
         self._labels_read_at = -float("inf")
         self.poll_interval_s = poll_interval_s
         self._router = Router(rng)
@@ -342,8 +347,10 @@ class TFServingBackend:
             try:
                 prediction = self._predict_as(images, timeout_s, CANARY, labels.canary)
             except UnknownVersionLabel:  # TF Serving has not read the canary label yet: stable answers
+                self._canary_refused = labels.canary
                 self._label_unknown(CANARY, "stable")
                 return self._predict_stable(images, timeout_s, labels)
+            self._canary_refused = None
             self._compare_later(images, prediction, STABLE, labels.stable, CANARY)
             return prediction
         prediction = self._predict_stable(images, timeout_s, labels)
@@ -502,7 +509,11 @@ class TFServingBackend:
                 )
         failed = {number: redact(error) for number, error in failed.items()}
         detail = served_detail(f"version {version} AVAILABLE", failed)
-        return ModelStatus(True, self.model_name, version, self._class_names, detail, failed)
+        # A canary TF Serving has not loaded gets no traffic (its label is unknown there: stable answers).
+        canary = active_canary(labels) if labels is not None else None
+        answering = canary in available and canary != self._canary_refused
+        routed = rollout(labels, version, canary if answering else None)
+        return ModelStatus(True, self.model_name, version, self._class_names, detail, failed, routed)
 
     def close(self) -> None:
         self._comparisons.close()

@@ -98,6 +98,7 @@ def test_models_describes_the_served_model(gateway_client, exported_model) -> No
     assert body["name"] == exported_model.name and body["version"] == exported_model.version
     assert body["class_names"] == list(exported_model.class_names)
     assert body["input_size"] == [32, 32, 3] and body["backend"] == "embedded"
+    assert body["rollout"] is None  # no labels.json: the newest version takes all traffic
 
 
 def test_health_and_readiness(gateway_client, exported_model) -> None:

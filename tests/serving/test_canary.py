@@ -114,6 +114,7 @@ def test_stable_label_takes_all_traffic_and_survives_a_restart(base: Path) -> No
     try:
         # Version 3 is published but not labelled: it waits; stable (2) answers everything.
         assert backend.status().version == 2 and "(stable)" in backend.status().detail
+        assert backend.status().rollout == {"stable": 2, "canary": None, "canary_percent": 0.0, "mode": "split"}  # noqa: E501
         assert {backend.predict(images(2)).model_version for _ in range(20)} == {2}
     finally:
         backend.close()
@@ -125,6 +126,7 @@ def test_stable_label_takes_all_traffic_and_survives_a_restart(base: Path) -> No
         (base / NAME / "labels.json").unlink()
         assert restarted.refresh() is True
         assert restarted.predict(images(1)).model_version == 3
+        assert restarted.status().rollout is None
     finally:
         restarted.close()
 
@@ -139,8 +141,10 @@ def test_canary_at_ten_percent_gets_about_ten_percent(base: Path) -> None:
     try:
         versions = [backend.predict(images(1, seed=i % 7)).model_version for i in range(n)]
         assert backend._comparisons.drain(30)
+        rollout = backend.status().rollout
     finally:
         backend.close()
+    assert rollout == {"stable": 1, "canary": 2, "canary_percent": 10.0, "mode": "split"}
     canary_count = versions.count(2)
     assert set(versions) == {1, 2}
     # Binomial(2000, 0.1): mean 200, sd 13.4; 99.9% two-sided interval is mean +- 3.29 sd.
@@ -348,6 +352,7 @@ def test_tfserving_requests_carry_the_version_label_by_the_split(base: Path, lab
         n = 600
         versions = [backend.predict(images(1, seed=i % 5)).model_version for i in range(n)]
         assert backend.status().version == 1  # with labels the stable version is the one reported
+        assert backend.status().rollout == {"stable": 1, "canary": 2, "canary_percent": 30.0, "mode": "split"}
         backend._comparisons.drain(30)
     finally:
         backend.close()
@@ -390,6 +395,8 @@ def test_tfserving_without_the_labels_yet_answers_instead_of_failing(base: Path,
         backend = tfserving_backend(base, double.address)
         try:
             assert backend.predict(images(1)).model_version == 1  # the canary's share went to stable
+            # /v1/models does not call version 2 the canary while TF Serving refuses its label.
+            assert backend.status().rollout == {"stable": 1, "canary": None, "canary_percent": 0.0, "mode": "split"}  # noqa: E501
         finally:
             backend.close()
     with TFServingDouble(base, poll_interval_s=60) as double:  # no models.config: no labels at all
