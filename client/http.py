@@ -160,7 +160,7 @@ class HTTPClient:
             ) from None
 
     def models(self) -> dict[str, Any]:
-        """GET /v1/models: name, version, class_names, input_size, backend, model_card."""
+        """GET /v1/models: name, version, class_names, input_size, backend, rollout, model_card."""
         return self._request("GET", "/v1/models").json()
 
     def ready(self) -> bool:
