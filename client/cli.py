@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     predict.add_argument("--top-k", type=int, default=3, help="labels to show per image (default 3)")
     predict.add_argument("--bytes", action="store_true", help="--grpc: send encoded files (serving_bytes)")
+    predict.add_argument("--request-id", help="an id of yours for this call (X-Request-ID, or gRPC "
+                         "x-request-id metadata); error messages name it")  # fmt: skip
     add_target(predict)
     status = commands.add_parser("status", help="model name, versions and their states")
     add_target(status)
@@ -97,9 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _client(args) as client:
             if args.command == "predict":
                 if args.grpc:
-                    result = client.predict(args.images, top_k=args.top_k, use_bytes=args.bytes)
+                    result = client.predict(args.images, top_k=args.top_k, use_bytes=args.bytes,
+                                            request_id=args.request_id)  # fmt: skip
                 else:
-                    result = client.predict(args.images, top_k=args.top_k)
+                    result = client.predict(args.images, top_k=args.top_k, request_id=args.request_id)
                 print(json.dumps(result.to_dict(), indent=2) if args.json else format_predictions(result))
             else:
                 status = client.status() if not args.grpc else client.model_status()

@@ -26,6 +26,8 @@ from client.results import ClientError, ImagePrediction, ModelStatus, PredictRes
 from contract.overload import CircuitBreaker, CircuitOpen, RetryBudget
 from contract.signatures import DEFAULT_TOP_K
 
+REQUEST_ID_HEADER = "X-Request-ID"  # the gateway keeps a valid one (serving/request_id.py)
+
 
 class HTTPClient:
     def __init__(
@@ -128,8 +130,12 @@ class HTTPClient:
         seconds = float(raw)
         return seconds if seconds <= self.max_retry_after_s else None
 
-    def predict(self, images: Sequence[ImageInput], *, top_k: int = DEFAULT_TOP_K) -> PredictResult:
-        """Classify images (paths or (filename, bytes) pairs) in one request."""
+    def predict(
+        self, images: Sequence[ImageInput], *, top_k: int = DEFAULT_TOP_K, request_id: str | None = None
+    ) -> PredictResult:
+        """Classify images (paths or (filename, bytes) pairs) in one request. `request_id` (1..64 of
+        A-Z a-z 0-9 . _ -) is sent as X-Request-ID, which the gateway keeps for its logs and error
+        bodies (and TF Serving's metadata); without one the gateway makes its own."""
         if not images:
             raise ClientError("no_images", "pass at least one image")
         files = []
@@ -137,7 +143,10 @@ class HTTPClient:
             filename, data = read_image(image)
             content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
             files.append(("images", (filename, data, content_type)))
-        body = self._request("POST", "/v1/predict", files=files, data={"top_k": str(top_k)}).json()
+        headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+        body = self._request(
+            "POST", "/v1/predict", files=files, data={"top_k": str(top_k)}, headers=headers
+        ).json()
         try:
             return PredictResult(
                 model_name=body["model"]["name"],

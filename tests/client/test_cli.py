@@ -75,6 +75,21 @@ def test_status_of_unknown_model_fails_with_one_line(tfserving_double, capsys):
     assert len(err) == 1 and err[0].startswith("error:") and "[not_found]" in err[0]
 
 
+def test_request_id_is_sent_by_both_transports(tfserving_double, gateway_server, tmp_path, capsys):
+    """--request-id reaches TF Serving's metadata over gRPC and the gateway's error body over HTTP."""
+    broken = tmp_path / "notes.png"
+    broken.write_bytes(b"this is not an image")
+    assert main(["predict", "--url", gateway_server, "--request-id", "cli-7", str(broken)]) == 1
+    assert capsys.readouterr().err.strip().endswith("(request_id cli-7) [not_an_image]")
+    photo = tmp_path / "photo.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(photo)
+    assert main(["predict", "--grpc", tfserving_double.address, "--request-id", "cli-8", str(photo)]) == 0
+    predicts = [c for c in tfserving_double.server.received if c.method.endswith("/Predict")]
+    assert predicts[-1].metadata.get("x-request-id") == "cli-8"
+
+
 def test_missing_image_file_fails_with_one_line(tmp_path, capsys):
     url = f"http://127.0.0.1:{free_port()}"
     assert main(["predict", str(tmp_path / "missing.png"), "--url", url]) == 1

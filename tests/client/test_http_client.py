@@ -91,6 +91,13 @@ def test_gateway_errors_carry_its_code_and_message(gateway):
     assert (info.value.status, info.value.code) == (400, "empty_file")
 
 
+def test_a_request_id_of_the_callers_follows_the_request(gateway):
+    """Sent as X-Request-ID, the gateway keeps it: its error body (so the message) names it."""
+    with pytest.raises(ClientError) as info:
+        gateway.predict([("notes.png", b"this is not an image")], request_id="ticket-9.retry_2")
+    assert info.value.message.endswith("(request_id ticket-9.retry_2)")
+
+
 def test_connection_refused_is_retried_then_reported():
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with (
