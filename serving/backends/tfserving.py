@@ -347,10 +347,8 @@ class TFServingBackend:
             try:
                 prediction = self._predict_as(images, timeout_s, CANARY, labels.canary)
             except UnknownVersionLabel:  # TF Serving has not read the canary label yet: stable answers
-                self._canary_refused = labels.canary
                 self._label_unknown(CANARY, "stable")
                 return self._predict_stable(images, timeout_s, labels)
-            self._canary_refused = None
             self._compare_later(images, prediction, STABLE, labels.stable, CANARY)
             return prediction
         prediction = self._predict_stable(images, timeout_s, labels)
@@ -391,9 +389,13 @@ class TFServingBackend:
         started = time.monotonic()
         try:
             prediction = self._predict_labelled(images, timeout_s, label)
-        except Exception:
+        except Exception as error:
+            if label == CANARY and isinstance(error, UnknownVersionLabel):
+                self._canary_refused = version  # split traffic and shadow copies alike
             observe(version, role, time.monotonic() - started, ok=False)
             raise
+        if label == CANARY:
+            self._canary_refused = None
         observe(prediction.model_version, role, time.monotonic() - started, ok=True)
         return prediction
 

@@ -399,6 +399,15 @@ def test_tfserving_without_the_labels_yet_answers_instead_of_failing(base: Path,
             assert backend.status().rollout == {"stable": 1, "canary": None, "canary_percent": 0.0, "mode": "split"}  # noqa: E501
         finally:
             backend.close()
+    write_labels(base, stable=1, canary=2, canary_percent=100.0, mode="shadow")
+    with TFServingDouble(base, model_config=config, poll_interval_s=60) as double:
+        backend = tfserving_backend(base, double.address)
+        try:  # the same in shadow mode, where only the background copy asks for the canary label
+            assert backend.predict(images(1)).model_version == 1
+            assert backend._comparisons.drain(30)
+            assert backend.status().rollout == {"stable": 1, "canary": None, "canary_percent": 0.0, "mode": "shadow"}  # noqa: E501
+        finally:
+            backend.close()
     with TFServingDouble(base, poll_interval_s=60) as double:  # no models.config: no labels at all
         backend = tfserving_backend(base, double.address)
         try:
