@@ -240,8 +240,11 @@ def serving_section(data: dict[str, Any]) -> list[str]:
                  load=load_text(m.get("load_average_1m"), m.get("load_average_1m_end"))),
         "",
         "The bare model is the published SavedModel's `serving_default` called in the benchmark's process",
-        "(no HTTP), at each batch size; its best batched images/s is the most this CPU gives for the model.",
-        f"The gateway runs under gunicorn as `make serve` starts it ({s['workers']} workers); the naive app",
+        "(no HTTP), at each batch size, on TensorFlow and on its LiteRT conversion (what the embedded",
+        "gateway runs by default, serving/backends/litert.py); the faster runtime's best batched images/s",
+        f"(here {bare.get('runtime', 'tensorflow')}) is the most this CPU gives for the model.",
+        f"The gateway runs under gunicorn as `make serve` starts it ({s['workers']} workers, runtime "
+        f"{s.get('gateway_runtime', 'tensorflow')}); the naive app",
         "(a Flask route calling Keras `model.predict` per upload, the same model file) under the same",
         f"gunicorn settings; LitServe (benchmarks/litserve_app.py, {s.get('litserve') or 'not run'}) batches",
         "the same SavedModel with its own dynamic batching after the same decode and resize.",
@@ -249,15 +252,17 @@ def serving_section(data: dict[str, Any]) -> list[str]:
         f"its last arrives, for {s['duration_s']:g} s per level after {s['warmup_s']:g} s not counted.",
         "Errors are answers other than 200 (hey's CSV lists only requests that got an answer).",
         "",
-        "| bare model, in process | ms per call (median) | images/s | CPU ms per image |",
-        "|---|---:|---:|---:|",
+        "| bare model, in process | runtime | ms per call (median) | images/s | CPU ms per image |",
+        "|---|---|---:|---:|---:|",
     ]  # fmt: skip
-    for b in bare["batches"]:
-        lines.append(f"| batch {b['batch']} | {b['median_ms']:.2f} | {b['images_per_s']:.0f} "
-                     f"| {_opt(b.get('cpu_ms_per_image'), '.2f')} |")  # fmt: skip
+    for runtime in bare.get("runtimes") or [bare]:
+        name = runtime.get("runtime", "tensorflow")
+        for b in runtime["batches"]:
+            lines.append(f"| batch {b['batch']} | {name} | {b['median_ms']:.2f} | {b['images_per_s']:.0f} "
+                         f"| {_opt(b.get('cpu_ms_per_image'), '.2f')} |")  # fmt: skip
     lines += [
         "",
-        "\"Of bare\": images/s as a fraction of the bare model's best batched images/s (of its batch-64",
+        "\"Of bare\": images/s as a fraction of the faster runtime's best batched images/s (its batch-64",
         "images/s for 64-image requests). \"vs naive\", \"vs LitServe\": req/s over the naive app's, over",
         "LitServe's, at the same clients. CPU ms/request: CPU seconds of the server's processes (\"server\")",
         "and of hey (\"hey\", on the same cores) over the level, per answered request; \"batch\": images per",

@@ -6,8 +6,10 @@ One run, one machine, in this order:
    for full CIFAR-10, 50,000 images: bn_cnn width 64), untrained unless --run-dir names a trained run
    (speed does not depend on what the weights learned), published as `make serve` publishes it.
 2. The bare model: the published SavedModel's `serving_default` signature called in this process, no
-   HTTP: batch 1 (latency) and batches 8, 16, 32, 64 (images/s). The best batched figure is the most
-   this CPU gives for this model; every gateway figure is reported as a fraction of it.
+   HTTP, on TensorFlow and on its LiteRT conversion (the gateway's default runtime,
+   serving/backends/litert.py): batch 1 (latency) and batches 2..64 (images/s). The faster runtime's
+   best batched figure is the most this CPU gives for this model; every gateway figure is reported as
+   a fraction of it.
 3. The gateway under gunicorn as `make serve` starts it (loadtest.gateway_process.running_gateway,
    serving/gunicorn.conf.py), loaded by `hey` (Debian's /usr/bin/hey, a Go client, so the load
    generator takes little CPU from the servers): a closed loop of C clients for D seconds, each
@@ -180,32 +182,50 @@ def multipart(field: str, images: list[bytes]) -> bytes:
 
 
 def measure_bare_model(model_path: Path, duration_s: float) -> dict[str, Any]:
-    """The SavedModel's serving_default called in this process at each of BARE_BATCHES: median ms per
-    call and images/s. The best batched images/s is the limit this CPU gives for this model."""
+    """The published SavedModel's serving_default called in this process at each of BARE_BATCHES, on
+    both runtimes the embedded gateway has (serving/backends/litert.py): TensorFlow's signature, and
+    its LiteRT conversion as the gateway makes it. The limit is the faster runtime's summary (its best
+    batched images/s is the most this CPU gives for the model); both are kept under "runtimes"."""
     import tensorflow as tf
+
+    from serving.backends import litert
 
     loaded = tf.saved_model.load(str(model_path))
     signature = loaded.signatures[SERVING_DEFAULT]
-    rows = []
-    for batch in BARE_BATCHES:
-        shape = (batch, INPUT_SIZE, INPUT_SIZE, CHANNELS)
-        images = tf.constant(np.random.default_rng(0).integers(0, 256, shape).astype(np.float32))
-        for _ in range(3):
-            signature(**{IMAGES_KEY: images})[PROBABILITIES_KEY].numpy()
-        times: list[float] = []
-        cpu_start = time.process_time()  # every thread of this process: TensorFlow's pools included
-        stop_at = time.perf_counter() + duration_s
-        while time.perf_counter() < stop_at:
-            start = time.perf_counter()
-            signature(**{IMAGES_KEY: images})[PROBABILITIES_KEY].numpy()
-            times.append(time.perf_counter() - start)
-        cpu_ms_per_image = 1000 * (time.process_time() - cpu_start) / (batch * len(times))
-        median = float(np.median(times))
-        rows.append({"batch": batch, "calls": len(times), "median_ms": 1000 * median,
-                     "images_per_s": batch / median, "cpu_ms_per_image": cpu_ms_per_image})  # fmt: skip
-        print(f"bare model, batch {batch:2}: {1000 * median:7.2f} ms per call, {batch / median:7.0f} "
-              f"images/s, CPU {cpu_ms_per_image:.2f} ms per image", flush=True)  # fmt: skip
-    return bare_summary(rows)
+    conversion = litert.load_lite(loaded, signature)
+    def on_tensorflow(rows: np.ndarray) -> np.ndarray:
+        return signature(**{IMAGES_KEY: tf.constant(rows)})[PROBABILITIES_KEY].numpy()
+
+    calls: dict[str, Any] = {litert.TENSORFLOW: on_tensorflow}
+    if conversion.lite is not None:
+        calls[litert.LITERT] = conversion.lite
+    else:
+        print(f"bare model: no LiteRT figures: {conversion.reason}", flush=True)
+    summaries = []
+    for runtime, call in calls.items():
+        rows = []
+        for batch in BARE_BATCHES:
+            shape = (batch, INPUT_SIZE, INPUT_SIZE, CHANNELS)
+            images = np.random.default_rng(0).integers(0, 256, shape).astype(np.float32)
+            for _ in range(3):
+                call(images)
+            times: list[float] = []
+            cpu_start = time.process_time()  # every thread of this process: the runtime's pools included
+            stop_at = time.perf_counter() + duration_s
+            while time.perf_counter() < stop_at:
+                start = time.perf_counter()
+                call(images)
+                times.append(time.perf_counter() - start)
+            cpu_ms_per_image = 1000 * (time.process_time() - cpu_start) / (batch * len(times))
+            median = float(np.median(times))
+            rows.append({"batch": batch, "calls": len(times), "median_ms": 1000 * median,
+                         "images_per_s": batch / median, "cpu_ms_per_image": cpu_ms_per_image})  # fmt: skip
+            print(f"bare model ({runtime}), batch {batch:2}: {1000 * median:7.2f} ms per call, "
+                  f"{batch / median:7.0f} images/s, CPU {cpu_ms_per_image:.2f} ms per image",
+                  flush=True)  # fmt: skip
+        summaries.append({"runtime": runtime, **bare_summary(rows)})
+    best = max(summaries, key=lambda summary: summary["batched_images_per_s"])
+    return {**best, "runtimes": summaries}
 
 
 def bare_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -668,7 +688,8 @@ def print_summary(results: dict) -> None:
     m, bare = results["model"], results["bare_model"]
     print(f"\nmodel: {m['arch']} width {m['width']}, {m['params']:,} parameters, {m['weights']}")
     print(
-        f"bare model: batch 1 {bare['batch1_ms']:.2f} ms; best batched {bare['batched_images_per_s']:.0f} "
+        f"bare model ({bare.get('runtime', 'tensorflow')}): batch 1 {bare['batch1_ms']:.2f} ms; best batched "
+        f"{bare['batched_images_per_s']:.0f} "
         f"images/s (batch {bare['batched_best_batch']}); batch 64 {bare['batch64_images_per_s']:.0f} images/s"
     )
     print("\n| app | images/request | clients | req/s | images/s | of bare | vs naive | p50 ms | p99 ms "
@@ -759,7 +780,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"quick": args.quick, "duration_s": args.duration, "warmup_s": args.warmup,
                      "bare_duration_s": args.bare_duration, "workers": args.workers,
                      "client": f"hey ({HEY}), closed loop, -t {load.timeout_s} s",
-                     "request_deadline_s": settings.request_deadline_s},
+                     "request_deadline_s": settings.request_deadline_s,
+                     "gateway_runtime": settings.runtime},
         "runs": [],
     }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:

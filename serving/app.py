@@ -50,6 +50,8 @@ def make_backend(settings: Settings) -> Backend:
         poll_interval_s=settings.poll_interval_s,
         deadline_s=settings.deadline_s,
         batching=settings.batching,
+        runtime=settings.runtime,
+        model_threads=settings.model_threads,
     )
 
 

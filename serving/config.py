@@ -50,6 +50,12 @@ class Settings:
     poll_interval_s: float = 2.0
     # Cross-request batching in the embedded backend (serving/batching.py, TF Serving's names).
     batching: BatchingParameters = field(default_factory=BatchingParameters)
+    # What runs the embedded model's predictions (serving/backends/litert.py): "litert" converts each
+    # version's signature to LiteRT (XNNPACK) at load and uses it once it agrees with the SavedModel,
+    # else TensorFlow; "tensorflow" always calls the SavedModel's signature. model_threads: LiteRT's
+    # threads per model, None = the CPUs this process may use, at most 4.
+    runtime: str = "litert"
+    model_threads: int | None = None
     # API keys and rate limits (serving/auth.py, serving/ratelimit.py, docs/deploy.md); all off by
     # default, so `make serve` on 127.0.0.1 needs no key. Read by _access() below.
     api_keys_file: Path | None = None  # GATEWAY_API_KEYS_FILE: `name:sha256hex` lines
@@ -195,6 +201,20 @@ class Settings:
                 "GATEWAY_POLL_INTERVAL_S", float, d.poll_interval_s, "seconds > 0, e.g. 2", lambda v: v > 0
             ),
             batching=_batching(read, d.batching),
+            runtime=read(
+                "GATEWAY_RUNTIME",
+                lambda raw: raw.lower(),
+                d.runtime,
+                "litert (the default: LiteRT where a version converts) or tensorflow",
+                lambda v: v in ("litert", "tensorflow"),
+            ),
+            model_threads=read(
+                "GATEWAY_MODEL_THREADS",
+                int,
+                d.model_threads,
+                "LiteRT threads per model as an integer >= 1 (empty: the CPUs available, at most 4)",
+                lambda v: v >= 1,
+            ),
             **_access(env),
             **_slow_clients(read, d),
             admin_bind=_admin_bind(env),

@@ -96,11 +96,16 @@ def serving_json() -> dict[str, Any]:
                 "ok": 100, "errors": errors, "status_codes": codes, "rps": rps, "images_per_s": rps * images,
                 "p50_ms": 3.0, "p90_ms": 4.0, "p99_ms": p99, "max_ms": 120.0}  # fmt: skip
 
-    rows = [bench.bare_summary([
+    lite = {"runtime": "litert", **bench.bare_summary([
         {"batch": 1, "calls": 50, "median_ms": 5.0, "images_per_s": 200.0, "cpu_ms_per_image": 6.0},
         {"batch": 8, "calls": 50, "median_ms": 25.0, "images_per_s": 320.0, "cpu_ms_per_image": 4.5},
         {"batch": 64, "calls": 10, "median_ms": 160.0, "images_per_s": 400.0, "cpu_ms_per_image": 4.0},
-    ])]  # fmt: skip
+    ])}  # fmt: skip
+    on_tf = {"runtime": "tensorflow", **bench.bare_summary([
+        {"batch": 1, "calls": 50, "median_ms": 7.0, "images_per_s": 143.0, "cpu_ms_per_image": 9.0},
+        {"batch": 64, "calls": 10, "median_ms": 200.0, "images_per_s": 320.0, "cpu_ms_per_image": 5.0},
+    ])}  # fmt: skip
+    rows = [{**lite, "runtimes": [on_tf, lite]}]  # the limit: the faster runtime, as measure_bare_model picks
     results = {
         "command": "python -m benchmarks.serving_latency --duration 8",
         "machine": _machine(),
@@ -224,7 +229,9 @@ def test_serving_section_names_the_model_and_the_bare_limits(full_results: Path)
     body = section(report.render(full_results, now=NOW), "## Serving latency")
     assert "bn_cnn width 64 (1,150,666 parameters, configs/default.yaml resolved for 50,000 images)" in body
     assert "weights untrained" in body
-    assert "| batch 1 | 5.00 | 200 |" in body and "| batch 64 | 160.00 | 400 |" in body
+    assert "| batch 1 | litert | 5.00 | 200 |" in body and "| batch 64 | litert | 160.00 | 400 |" in body
+    assert "| batch 1 | tensorflow | 7.00 | 143 | 9.00 |" in body  # both runtimes are listed
+    assert "faster runtime's best batched images/s\n(here litert)" in body
     assert "hey (/usr/bin/hey), closed loop" in body
     assert "quick" not in body.lower()
 
@@ -259,7 +266,7 @@ def test_serving_targets_are_computed_from_the_figures(full_results: Path) -> No
 
 def test_serving_cpu_per_request_and_the_budget_of_the_70_percent_target(full_results: Path) -> None:
     body = section(report.render(full_results, now=NOW), "## Serving latency")
-    assert "| batch 8 | 25.00 | 320 | 4.50 |" in body
+    assert "| batch 8 | litert | 25.00 | 320 | 4.50 |" in body
     # The 16-client row carries its CPU figures; rows measured without them say "-".
     assert "| 80.0 | 0 | 7.00 | 0.50 | 5.0 |" in body
     assert "| gateway | 1 | 1 | 150.0 |" in body and "| 0 | - | - | - |" in body

@@ -23,10 +23,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from contract.signatures import (
-    ABSTAIN_KEY,
     CLASSES_KEY,
     IMAGES_KEY,
-    OOD_SCORE_KEY,
     PROBABILITIES_KEY,
     SAVED_MODEL_FILE,
     SERVING_DEFAULT,
@@ -43,6 +41,7 @@ from serving.backends.base import (
     served_detail,
 )
 from serving.backends.explain import explain_saved_model
+from serving.backends.litert import LITERT, PREDICTION_KEYS, TENSORFLOW, LiteSignature, load_lite
 from serving.batching import Batcher, BatchingParameters
 from serving.canary import (
     CANARY,
@@ -69,6 +68,13 @@ class LoadedModel:
     signature: Any  # a ConcreteFunction: images float32 [N,32,32,3] -> {probabilities, classes}
     class_names: tuple[str, ...]
     saved_model: Any  # keeps the variables the signature reads alive
+    # The same signature on LiteRT (serving/backends/litert.py), which predictions use when set;
+    # None: they run on `signature` (GATEWAY_RUNTIME=tensorflow, or the version did not convert).
+    lite: LiteSignature | None = None
+
+    @property
+    def runtime(self) -> str:
+        return TENSORFLOW if self.lite is None else LITERT
 
 
 @dataclass(eq=False)
@@ -81,8 +87,16 @@ class _Lane:
     closed: bool = False  # set before the batcher closes: a request that finds it closed re-routes
 
 
-def load_version(model_dir: Path, version: int, signature_name: str = SERVING_DEFAULT) -> LoadedModel:
-    """Load one version and run it once, so the first request does not pay for tracing."""
+def load_version(
+    model_dir: Path,
+    version: int,
+    signature_name: str = SERVING_DEFAULT,
+    *,
+    runtime: str = LITERT,
+    model_threads: int | None = None,
+) -> LoadedModel:
+    """Load one version and run it once, so the first request does not pay for tracing; with
+    runtime "litert", also its LiteRT conversion when that converts and agrees (litert.py)."""
     import tensorflow as tf  # imported here so the gateway's TF Serving mode need not load it eagerly
 
     path = model_dir / str(version)
@@ -95,7 +109,24 @@ def load_version(model_dir: Path, version: int, signature_name: str = SERVING_DE
     signature = saved_model.signatures[signature_name]
     outputs = signature(**{IMAGES_KEY: tf.zeros([1, 32, 32, 3], tf.float32)})
     class_names = tuple(c.decode("utf-8") for c in outputs[CLASSES_KEY].numpy()[0])
-    return LoadedModel(version=version, signature=signature, class_names=class_names, saved_model=saved_model)
+    lite = None
+    if runtime == LITERT:
+        conversion = load_lite(saved_model, signature, model_threads)
+        lite = conversion.lite
+        if lite is None:
+            log.warning("version %s runs on TensorFlow, not LiteRT: %s", version, conversion.reason)
+        else:
+            log.info(
+                "version %s runs on LiteRT (XNNPACK, %d threads; converted and checked in %.1f s, "
+                "largest difference from the SavedModel %.2g)",
+                version,
+                lite.num_threads,
+                conversion.seconds,
+                conversion.max_difference,
+            )
+    return LoadedModel(
+        version=version, signature=signature, class_names=class_names, saved_model=saved_model, lite=lite
+    )
 
 
 class EmbeddedBackend:
@@ -111,6 +142,8 @@ class EmbeddedBackend:
         deadline_s: float = 5.0,
         batching: BatchingParameters | None = None,
         explain_threads: int = 2,
+        runtime: str = LITERT,
+        model_threads: int | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.model_name = model_name
@@ -118,6 +151,8 @@ class EmbeddedBackend:
         self.poll_interval_s = poll_interval_s
         self.signature_name = signature_name
         self.deadline_s = deadline_s
+        self.runtime = runtime  # "litert" (predictions on LiteRT where a version converts) or "tensorflow"
+        self.model_threads = model_threads  # LiteRT's threads per model; None: litert.default_threads()
         # Predictions from concurrent requests run together (serving/batching.py); explanations (a
         # backward pass each, rarer) run on their own small pool. Both give up at the deadline
         # (504) instead of waiting behind an overloaded CPU, and drop work still queued then.
@@ -271,7 +306,13 @@ class EmbeddedBackend:
         if self._broken.get(version) == marker:
             return None
         try:
-            return load_version(self.model_dir, version, self.signature_name)
+            return load_version(
+                self.model_dir,
+                version,
+                self.signature_name,
+                runtime=self.runtime,
+                model_threads=self.model_threads,
+            )
         except Exception as error:  # a broken version must not take the served one down
             self._broken[version] = marker
             # What clients and /readyz see names no path and no exception text (it would show the
@@ -451,13 +492,12 @@ class EmbeddedBackend:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-# The outputs a prediction carries; `classes` is left on the graph (the names are read once, at load).
-PREDICTION_KEYS = (PROBABILITIES_KEY, OOD_SCORE_KEY, ABSTAIN_KEY)
-
-
 def _call_signature(model: LoadedModel, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """One batch through the version's compiled serving signature (float32 [N,32,32,3]): its
-    PREDICTION_KEYS outputs that the version has (versions exported before issue 17 lack the
-    out-of-distribution ones). The batcher slices each per request."""
+    """One batch through the version's serving signature (float32 [N,32,32,3]), on LiteRT when the
+    version has its conversion: the PREDICTION_KEYS outputs the version has (versions exported
+    before issue 17 lack the out-of-distribution ones; `classes` stays on the graph, the names are
+    read once at load). The batcher slices each per request."""
+    if model.lite is not None:
+        return model.lite(rows)
     outputs = model.signature(**{IMAGES_KEY: rows})
     return {key: outputs[key].numpy() for key in PREDICTION_KEYS if key in outputs}

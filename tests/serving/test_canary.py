@@ -252,9 +252,9 @@ def test_rollback_to_the_previous_stable_needs_no_load(base: Path, monkeypatch: 
     loads: list[int] = []
     real_load = embedded.load_version
 
-    def counting_load(model_dir: Path, version: int, signature_name: str = "serving_default"):
+    def counting_load(model_dir: Path, version: int, signature_name: str = "serving_default", **options):
         loads.append(version)
-        return real_load(model_dir, version, signature_name)
+        return real_load(model_dir, version, signature_name, **options)
 
     monkeypatch.setattr(embedded, "load_version", counting_load)
     write_labels(base, stable=1)

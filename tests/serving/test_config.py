@@ -69,6 +69,12 @@ def test_batching_parameters_are_tf_servings_names() -> None:
         Settings.from_env({"GATEWAY_ALLOWED_BATCH_SIZES": "8,16"})
 
 
+def test_the_embedded_runtime_is_litert_unless_told() -> None:
+    assert Settings.from_env({}).runtime == "litert" and Settings.from_env({}).model_threads is None
+    settings = Settings.from_env({"GATEWAY_RUNTIME": "TensorFlow", "GATEWAY_MODEL_THREADS": "1"})
+    assert settings.runtime == "tensorflow" and settings.model_threads == 1
+
+
 def test_empty_tfserving_address_means_embedded() -> None:
     assert Settings.from_env({"GATEWAY_TFSERVING_ADDRESS": "  "}).tfserving_address is None
 
@@ -90,6 +96,9 @@ def test_empty_tfserving_address_means_embedded() -> None:
         ("GATEWAY_ALLOWED_BATCH_SIZES", "8,x"),
         ("GATEWAY_MAX_ENQUEUED_BATCHES", "0"),
         ("GATEWAY_NUM_BATCH_THREADS", "none"),
+        ("GATEWAY_RUNTIME", "onnx"),
+        ("GATEWAY_MODEL_THREADS", "0"),
+        ("GATEWAY_MODEL_THREADS", "all"),
     ],
 )
 def test_invalid_values_name_the_variable(name: str, value: str) -> None:

@@ -99,9 +99,9 @@ def test_starts_on_the_newest_good_version_and_tries_a_broken_one_once(
     attempts: list[int] = []
     real_load = embedded.load_version
 
-    def counting_load(model_dir: Path, version: int, signature_name: str = "serving_default"):
+    def counting_load(model_dir: Path, version: int, signature_name: str = "serving_default", **options):
         attempts.append(version)
-        return real_load(model_dir, version, signature_name)
+        return real_load(model_dir, version, signature_name, **options)
 
     monkeypatch.setattr(embedded, "load_version", counting_load)
     backend = EmbeddedBackend(tmp_path, "cifar10", poll_interval_s=60)
@@ -182,7 +182,7 @@ def test_a_model_call_past_the_deadline_is_a_timeout_not_a_hang(tmp_path: Path) 
             release.wait(10)
             return fast.signature(**inputs)
 
-        backend._current = dataclasses.replace(fast, signature=stuck_signature)
+        backend._current = dataclasses.replace(fast, signature=stuck_signature, lite=None)
         started = time.monotonic()
         with pytest.raises(BackendTimeout, match="did not answer within 0.3s"):
             backend.predict(np.zeros((1, 32, 32, 3), np.uint8))

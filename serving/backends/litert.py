@@ -1,0 +1,155 @@
+"""The served signature on LiteRT: the SavedModel's pixel signature converted, at load, to a LiteRT
+model run by XNNPACK's CPU kernels, and used for predictions only once it agrees with the signature.
+
+Why: TensorFlow's runtime costs about 1.5 ms of CPU per call beside the arithmetic (op dispatch,
+thread hand-offs), which at the batches of 1-4 a gateway forms is a third of the work; XNNPACK runs the
+same convolutions with almost no per-call cost and faster kernels on this CPU (docs/benchmarks.md,
+"Runtimes": CPU per image flat across batch sizes, well under TensorFlow's at every batch size).
+
+The SavedModel stays the contract: the conversion is made from the published version itself (no
+second artifact to keep in step), and before a version is served this way its outputs on probe images
+are compared with the TensorFlow signature's (PARITY_ATOL, the parity tolerance training and serving
+keep). A version LiteRT cannot convert (an op it lacks) or that disagrees runs on TensorFlow, with a
+log line saying why; explanations (gradients) always run on TensorFlow.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from contract.signatures import ABSTAIN_KEY, CLASSES_KEY, IMAGES_KEY, OOD_SCORE_KEY, PROBABILITIES_KEY
+
+log = logging.getLogger(__name__)
+
+LITERT = "litert"
+TENSORFLOW = "tensorflow"
+RUNTIMES = (LITERT, TENSORFLOW)
+# Outputs a prediction carries ('classes' is read once at load, from the TensorFlow signature).
+PREDICTION_KEYS = (PROBABILITIES_KEY, OOD_SCORE_KEY, ABSTAIN_KEY)
+PARITY_ATOL = 1e-5  # max |difference| of any float output (probabilities are 0..1), relative for large ones
+# Probe batches: sizes 1 and 5 (the interpreter resizes between them, as it does between batches),
+# random pixels over the whole 0..255 range plus a black and a white image.
+_PROBE_SEED = 20261206
+
+
+MAX_DEFAULT_THREADS = 4  # a batch of a few 32x32 images gains nothing from more
+
+
+def default_threads(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """XNNPACK threads per model: the CPUs this process may use, at most MAX_DEFAULT_THREADS. That is
+    the smaller of its CPU affinity (a cpuset) and its cgroup's CPU quota rounded up (a Kubernetes
+    CPU limit: a pod limited to 1 CPU on a 16-core node gets 1 thread, not 16 that would queue)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):  # no cgroup v2 file (cgroup v1, macOS): affinity alone
+        pass
+    return max(1, min(MAX_DEFAULT_THREADS, cpus))
+
+
+class LiteSignature:
+    """A converted signature: `__call__(rows)` takes float32 [N, 32, 32, 3] and returns the
+    PREDICTION_KEYS outputs it has, as arrays the caller owns. One call at a time (an interpreter is
+    not thread-safe); XNNPACK's threads parallelise inside it."""
+
+    def __init__(self, flatbuffer: bytes, num_threads: int) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.num_threads = num_threads
+        self.size_bytes = len(flatbuffer)
+        self._interpreter = Interpreter(model_content=flatbuffer, num_threads=num_threads)
+        (name,) = self._interpreter.get_signature_list()  # convert() makes exactly one
+        self._runner = self._interpreter.get_signature_runner(name)
+        self.output_keys = tuple(k for k in PREDICTION_KEYS if k in self._runner.get_output_details())
+        self._lock = threading.Lock()
+
+    def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        with self._lock:  # the runner resizes its input to each batch's rows (measured: cheap)
+            outputs = self._runner(**{IMAGES_KEY: np.ascontiguousarray(rows, dtype=np.float32)})
+        return {key: outputs[key] for key in self.output_keys}
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """What load_lite made of one version: the LiteSignature, or None and why not."""
+
+    lite: LiteSignature | None
+    reason: str  # why it runs on TensorFlow ("" when on LiteRT)
+    max_difference: float = 0.0  # largest |difference| seen on the probes
+    seconds: float = 0.0  # conversion and check, for the log
+
+
+def convert(saved_model: Any, signature: Any) -> bytes:
+    """The LiteRT flatbuffer of a loaded SavedModel's signature (a ConcreteFunction reading its
+    variables), builtin ops only (TensorFlow ops inside LiteRT would need the Flex delegate, which
+    ai-edge-litert does not ship). Its one signature is named serving_default."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([signature], saved_model)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    return converter.convert()
+
+
+def probes() -> list[np.ndarray]:
+    rng = np.random.default_rng(_PROBE_SEED)
+    mixed = rng.integers(0, 256, size=(5, 32, 32, 3)).astype(np.float32)
+    mixed[3], mixed[4] = 0.0, 255.0
+    return [mixed[:1], mixed]
+
+
+def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> tuple[float, str]:
+    """(largest float difference, "" or what disagrees) between two runs' PREDICTION_KEYS outputs."""
+    worst = 0.0
+    for key in PREDICTION_KEYS:
+        if key not in reference:
+            continue
+        if key not in candidate:
+            return worst, f"output {key!r} is missing"
+        want, got = np.asarray(reference[key]), np.asarray(candidate[key])
+        if want.shape != got.shape:
+            return worst, f"output {key!r} has shape {got.shape}, the signature's {want.shape}"
+        if want.dtype == np.bool_:
+            if not np.array_equal(want, got):
+                return worst, f"output {key!r} differs"
+            continue
+        difference = np.abs(want.astype(np.float64) - got.astype(np.float64))
+        worst = max(worst, float(difference.max(initial=0.0)))
+        if not np.all(difference <= PARITY_ATOL * np.maximum(1.0, np.abs(want))):
+            return worst, f"output {key!r} differs by up to {worst:.3g} (tolerance {PARITY_ATOL:g})"
+    return worst, ""
+
+
+def load_lite(saved_model: Any, signature: Any, num_threads: int | None = None) -> Conversion:
+    """Convert `signature` (of `saved_model`) and check the result against the signature itself on
+    the probes; never raises (a version that cannot run on LiteRT runs on TensorFlow)."""
+    import tensorflow as tf
+
+    started = time.monotonic()
+    threads = num_threads or default_threads()
+    try:
+        lite = LiteSignature(convert(saved_model, signature), threads)
+    except Exception as error:  # an op LiteRT lacks, a converter bug: TensorFlow serves it
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        return Conversion(None, f"LiteRT conversion failed ({type(error).__name__}: {first_line})")
+    worst = 0.0
+    for rows in probes():
+        outputs = signature(**{IMAGES_KEY: tf.constant(rows)})
+        reference = {k: outputs[k].numpy() for k in PREDICTION_KEYS if k in outputs}
+        if CLASSES_KEY not in outputs:
+            return Conversion(None, f"the signature has no {CLASSES_KEY!r} output")
+        difference, problem = compare(reference, lite(rows))
+        worst = max(worst, difference)
+        if problem:
+            return Conversion(None, f"LiteRT disagrees with the SavedModel: {problem}", worst)
+    return Conversion(lite, "", worst, time.monotonic() - started)
