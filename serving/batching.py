@@ -121,6 +121,9 @@ class Batcher(Generic[Tag]):
         self._capacity_rows = self.parameters.max_enqueued_batches * self.parameters.max_batch_size
         self._queue: deque[_Task] = deque()
         self._queued_rows = 0
+        # Whether the batch being run shares the model with other requests (several in it, or more
+        # queued behind it): a hint a call may read (the LiteRT runtime then runs on one thread).
+        self.busy = False
         self._condition = threading.Condition()
         self._closed = False
         # Daemon threads, so they never hold a process open; a stopping worker still answers what is
@@ -204,6 +207,7 @@ class Batcher(Generic[Tag]):
 
     def _run(self, tasks: Sequence[_Task]) -> None:
         rows = np.concatenate([t.rows for t in tasks]) if len(tasks) > 1 else tasks[0].rows
+        self.busy = len(tasks) > 1 or bool(self._queue)
         try:
             tag = self._snapshot()
             outputs = self._call_padded(tag, rows)

@@ -402,7 +402,8 @@ class EmbeddedBackend:
             if lane is None:
                 batcher: Batcher[LoadedModel] = Batcher(
                     lambda: self._model_for(version, model),
-                    _call_signature,
+                    # A lone request gets every LiteRT thread; a batch run while others wait, one.
+                    lambda loaded, rows: _call_signature(loaded, rows, parallel=not batcher.busy),
                     self._batching,
                     name=f"{self.model_name}-v{version}-batch",
                 )
@@ -492,12 +493,13 @@ class EmbeddedBackend:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _call_signature(model: LoadedModel, rows: np.ndarray) -> dict[str, np.ndarray]:
+def _call_signature(model: LoadedModel, rows: np.ndarray, parallel: bool = True) -> dict[str, np.ndarray]:
     """One batch through the version's serving signature (float32 [N,32,32,3]), on LiteRT when the
     version has its conversion: the PREDICTION_KEYS outputs the version has (versions exported
     before issue 17 lack the out-of-distribution ones; `classes` stays on the graph, the names are
-    read once at load). The batcher slices each per request."""
+    read once at load). The batcher slices each per request. parallel: LiteRT may use all its threads
+    (False when other requests wait: litert.LiteSignature)."""
     if model.lite is not None:
-        return model.lite(rows)
+        return model.lite(rows, parallel)
     outputs = model.signature(**{IMAGES_KEY: rows})
     return {key: outputs[key].numpy() for key in PREDICTION_KEYS if key in outputs}

@@ -59,25 +59,37 @@ def default_threads(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
 
 
 class LiteSignature:
-    """A converted signature: `__call__(rows)` takes float32 [N, 32, 32, 3] and returns the
+    """A converted signature: `__call__(rows, parallel)` takes float32 [N, 32, 32, 3] and returns the
     PREDICTION_KEYS outputs it has, as arrays the caller owns. One call at a time (an interpreter is
-    not thread-safe); XNNPACK's threads parallelise inside it."""
+    not thread-safe).
+
+    Two interpreters of the same model when num_threads > 1: one with num_threads XNNPACK threads
+    for a request that has the CPU to itself (a lone request's latency halves on 2 cores), one with
+    a single thread for calls made while other requests wait (parallel=False): then every core is
+    already busy with another worker's or request's work, and threads that wait for each other only
+    add CPU (measured at 16 clients on 2 cores, 2 workers: docs/benchmarks.md)."""
 
     def __init__(self, flatbuffer: bytes, num_threads: int) -> None:
-        from ai_edge_litert.interpreter import Interpreter
-
         self.num_threads = num_threads
         self.size_bytes = len(flatbuffer)
-        self._interpreter = Interpreter(model_content=flatbuffer, num_threads=num_threads)
-        (name,) = self._interpreter.get_signature_list()  # convert() makes exactly one
-        self._runner = self._interpreter.get_signature_runner(name)
-        self.output_keys = tuple(k for k in PREDICTION_KEYS if k in self._runner.get_output_details())
+        self._parallel = _runner(flatbuffer, num_threads)
+        self._single = self._parallel if num_threads == 1 else _runner(flatbuffer, 1)
+        self.output_keys = tuple(k for k in PREDICTION_KEYS if k in self._single.get_output_details())
         self._lock = threading.Lock()
 
-    def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, rows: np.ndarray, parallel: bool = True) -> dict[str, np.ndarray]:
+        runner = self._parallel if parallel else self._single
         with self._lock:  # the runner resizes its input to each batch's rows (measured: cheap)
-            outputs = self._runner(**{IMAGES_KEY: np.ascontiguousarray(rows, dtype=np.float32)})
+            outputs = runner(**{IMAGES_KEY: np.ascontiguousarray(rows, dtype=np.float32)})
         return {key: outputs[key] for key in self.output_keys}
+
+
+def _runner(flatbuffer: bytes, num_threads: int) -> Any:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=flatbuffer, num_threads=num_threads)
+    (name,) = interpreter.get_signature_list()  # convert() makes exactly one
+    return interpreter.get_signature_runner(name)
 
 
 @dataclass(frozen=True)
@@ -148,8 +160,9 @@ def load_lite(saved_model: Any, signature: Any, num_threads: int | None = None) 
         reference = {k: outputs[k].numpy() for k in PREDICTION_KEYS if k in outputs}
         if CLASSES_KEY not in outputs:
             return Conversion(None, f"the signature has no {CLASSES_KEY!r} output")
-        difference, problem = compare(reference, lite(rows))
-        worst = max(worst, difference)
-        if problem:
-            return Conversion(None, f"LiteRT disagrees with the SavedModel: {problem}", worst)
+        for parallel in (True, False):  # both interpreters
+            difference, problem = compare(reference, lite(rows, parallel))
+            worst = max(worst, difference)
+            if problem:
+                return Conversion(None, f"LiteRT disagrees with the SavedModel: {problem}", worst)
     return Conversion(lite, "", worst, time.monotonic() - started)

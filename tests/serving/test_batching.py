@@ -234,3 +234,30 @@ def test_a_signature_with_several_outputs_is_split_per_request() -> None:
     for i, answer in enumerate(answers):
         assert answer["probabilities"].ravel().tolist() == [10 * (1 + 2 * i), 10 * (2 + 2 * i)]
         assert answer["score"].tolist() == [1.5 + 2 * i, 2.5 + 2 * i]
+
+
+def test_busy_says_whether_other_requests_share_the_model() -> None:
+    """A lone request runs with busy False (the LiteRT runtime then uses all its threads); a batch
+    run while others wait, or holding several requests, with busy True."""
+    model = RecordingModel()
+    seen: list[tuple[int, bool]] = []
+    batcher: Batcher[int] = Batcher(
+        model.snapshot,
+        lambda version, rows: (seen.append((len(rows), batcher.busy)), model.call(version, rows))[1],
+        BatchingParameters(max_batch_size=8, allowed_batch_sizes=()),
+    )
+    try:
+        batcher.submit(ids(1, 3), timeout_s=10)  # alone: one request of 3 rows
+        model.gate.clear()
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(batcher.submit, ids(10, 1), 10)
+            time.sleep(0.2)  # taken, blocked in the model; the next two queue behind it
+            later = [pool.submit(batcher.submit, ids(20 + i, 1), 10) for i in range(2)]
+            time.sleep(0.2)
+            model.gate.set()
+            first.result(), [f.result() for f in later]
+    finally:
+        batcher.close()
+    assert seen[0] == (3, False)
+    assert seen[1] == (1, False)  # taken while nothing else waited
+    assert seen[2] == (2, True)  # the two queued requests, run together

@@ -32,8 +32,11 @@ def test_the_trained_model_runs_on_litert_and_agrees_with_its_savedmodel(
     model = load_version(exported_model.base_path / exported_model.name, exported_model.version)
     assert model.runtime == "litert" and model.lite is not None
     assert set(model.lite.output_keys) == {"probabilities", "ood_score", "abstain"}
-    for rows in (reference_pixels[:1], reference_pixels[:3], reference_pixels):  # sizes change between calls
-        want, got = _signature_outputs(model, rows), model.lite(rows)
+    # Sizes change between calls; both interpreters (all threads, and the one-thread one for busy times).
+    cases = [(rows, parallel) for rows in (reference_pixels[:1], reference_pixels[:3], reference_pixels)
+             for parallel in (True, False)]  # fmt: skip
+    for rows, parallel in cases:
+        want, got = _signature_outputs(model, rows), model.lite(rows, parallel)
         np.testing.assert_allclose(got["probabilities"], want["probabilities"], rtol=0, atol=1e-5)
         np.testing.assert_allclose(got["ood_score"], want["ood_score"], rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(got["abstain"], want["abstain"])
