@@ -15,6 +15,8 @@ log line saying why; explanations (gradients) always run on TensorFlow.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import math
 import os
@@ -110,7 +112,20 @@ def convert(saved_model: Any, signature: Any) -> bytes:
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([signature], saved_model)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    return converter.convert()
+    flatbuffer = converter.convert()
+    _release_freed_heap()
+    return flatbuffer
+
+
+def _release_freed_heap() -> None:
+    """Give the converter's freed heap back to the system: glibc keeps it otherwise, and a worker
+    would hold ~220 MiB more per converted version (measured on the default model: 216 MiB after a
+    conversion, 41 after malloc_trim). A no-op where glibc is absent (musl, macOS)."""
+    gc.collect()  # the converter leaves reference cycles holding its buffers
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def probes() -> list[np.ndarray]:
@@ -165,4 +180,5 @@ def load_lite(saved_model: Any, signature: Any, num_threads: int | None = None) 
             worst = max(worst, difference)
             if problem:
                 return Conversion(None, f"LiteRT disagrees with the SavedModel: {problem}", worst)
+    _release_freed_heap()  # again: the probes' TensorFlow calls freed some more
     return Conversion(lite, "", worst, time.monotonic() - started)
