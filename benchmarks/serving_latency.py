@@ -17,8 +17,9 @@ One run, one machine, in this order:
    one image each; 64-image requests at 1, 2 and 4 clients.
 4. The naive app (benchmarks/naive_flask.py: Flask calling Keras `model.predict` per upload, the
    same model file) under the same gunicorn settings at 1, 16 and 64 clients.
-5. LitServe (benchmarks/litserve_app.py: its dynamic batching over the same SavedModel, the same
-   decode and resize) at 1, 16 and 64 clients: the off-the-shelf server to lead.
+5. LitServe (benchmarks/litserve_app.py: its dynamic batching over the same SavedModel on the
+   gateway's runtime, the same decode and resize) at 1, 16 and 64 clients: the off-the-shelf server
+   to lead.
 6. The gateway with its TF Serving backend pointed at the test double (tests/tfserving_double, its
    own process, the same SavedModel) at 1 and 16 clients.
 
@@ -454,8 +455,9 @@ def measure_litserve(results: dict, model_path: Path, body: Path, work: Path, lo
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log_path = work / "litserve.log"
+    arguments = [*LITSERVE_ARGS, "--runtime", results["settings"].get("gateway_runtime", "litert")]
     command = [sys.executable, "-m", "benchmarks.litserve_app", "--model", str(model_path),
-               "--port", str(port), *LITSERVE_ARGS]  # fmt: skip
+               "--port", str(port), *arguments]  # fmt: skip
     with log_path.open("w") as log:
         process = subprocess.Popen(
             command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -468,7 +470,7 @@ def measure_litserve(results: dict, model_path: Path, body: Path, work: Path, lo
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"LitServe did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        results["settings"]["litserve"] = " ".join(LITSERVE_ARGS)
+        results["settings"]["litserve"] = " ".join(arguments)
         server = Server([psutil.Process(process.pid)])
         measure_levels(results, LITSERVE, url + "/predict", body, 1, LITSERVE_CLIENTS, load, server)
     finally:

@@ -17,6 +17,8 @@ model's reference statistics offline and says what moved.
 from __future__ import annotations
 
 import logging
+import math
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -41,8 +43,9 @@ def _observe(prediction: Any) -> None:
     version = str(prediction.model_version)
     names = tuple(prediction.class_names)
     top = probabilities.argmax(axis=1)
-    classes, counts = np.unique(top, return_counts=True)
-    for index, count in zip(classes.tolist(), counts.tolist(), strict=True):
+    # Counter, not np.unique: a request has 1 to 64 rows, where np.unique's sort costs more than the
+    # metric writes (profiled: the largest part of this function under load).
+    for index, count in Counter(top.tolist()).items():
         metrics.PREDICTED_CLASS.labels(version=version, class_name=names[index]).inc(count)
     confidence = metrics.CONFIDENCE.labels(version=version)
     for value in probabilities[np.arange(len(top)), top].tolist():
@@ -51,7 +54,7 @@ def _observe(prediction: Any) -> None:
     if ood is not None:
         histogram = metrics.OOD_SCORE.labels(version=version)
         for value in np.asarray(ood, dtype=np.float64).reshape(-1).tolist():
-            if np.isfinite(value):
+            if math.isfinite(value):
                 histogram.observe(value)
     abstain = getattr(prediction, "abstain", None)
     # Touch the counter even at 0, so the abstain rate of an OOD-aware version reads 0, not "no data".
