@@ -122,9 +122,8 @@ class Batcher(Generic[Tag]):
         self._capacity_rows = self.parameters.max_enqueued_batches * self.parameters.max_batch_size
         self._queue: deque[_Task] = deque()
         self._queued_rows = 0
-        # Whether the batch being run shares the model with other requests (several in it, or more
-        # queued behind it): a hint a call may read (the LiteRT runtime then runs on one thread).
-        self.busy = False
+        # Per batch thread: whether the batch it runs shares the model with other requests (see busy).
+        self._running = threading.local()
         self._condition = threading.Condition()
         self._closed = False
         # Daemon threads, so they never hold a process open; a stopping worker still answers what is
@@ -135,6 +134,13 @@ class Batcher(Generic[Tag]):
         ]
         for thread in self._threads:
             thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """In `call`: whether this batch shares the model with other requests (several in it, or more
+        queued behind it), a hint a call may use (the LiteRT runtime then runs on one thread). Read
+        per batch thread, so with several batch threads each sees its own batch's."""
+        return getattr(self._running, "busy", False)
 
     # ---- the request side -------------------------------------------------------------------
 
@@ -208,7 +214,7 @@ class Batcher(Generic[Tag]):
 
     def _run(self, tasks: Sequence[_Task]) -> None:
         rows = np.concatenate([t.rows for t in tasks]) if len(tasks) > 1 else tasks[0].rows
-        self.busy = len(tasks) > 1 or bool(self._queue)
+        self._running.busy = len(tasks) > 1 or bool(self._queue)
         try:
             tag = self._snapshot()
             outputs = self._call_padded(tag, rows)
