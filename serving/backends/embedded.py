@@ -470,11 +470,14 @@ class EmbeddedBackend:
         if model is None:
             return ModelStatus(False, self.model_name, None, None, self._last_error or "loading")
         failed = {v: e for v, e in sorted(self._broken_errors.items()) if v > model.version}
-        served = f"version {model.version}"
+        served = f"version {model.version} on {_RUNTIME_NAMES[model.runtime]}"  # which runtime answers
         if labels is not None:
             served += " (stable)"
             if canary is not None:
-                served += f"; canary version {canary.version} at {labels.canary_percent:g}% ({labels.mode})"
+                served += (
+                    f"; canary version {canary.version} on {_RUNTIME_NAMES[canary.runtime]} at "
+                    f"{labels.canary_percent:g}% ({labels.mode})"
+                )
         if self._label_problem:
             served += f"; {self._label_problem}"
         detail = served_detail(served, failed)
@@ -491,6 +494,9 @@ class EmbeddedBackend:
             lane.closed = True
             lane.batcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+_RUNTIME_NAMES = {LITERT: "LiteRT", TENSORFLOW: "TensorFlow"}
 
 
 def _call_signature(model: LoadedModel, rows: np.ndarray, parallel: bool = True) -> dict[str, np.ndarray]:

@@ -106,6 +106,7 @@ def test_a_version_litert_cannot_convert_is_served_by_tensorflow(
     backend = EmbeddedBackend(tmp_path / "base", "cifar10", poll_interval_s=60)
     try:
         assert backend.status().ready and backend._current.runtime == "tensorflow"
+        assert backend.status().detail == "version 1 on TensorFlow"  # /readyz says which runtime answers
         rows = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3)).astype(np.float32)
         prediction = backend.predict(rows)
         want = _signature_outputs(backend._current, rows)["probabilities"]
@@ -123,6 +124,8 @@ def test_runtime_tensorflow_keeps_every_prediction_on_the_savedmodel(tmp_path: P
     try:
         assert on_tf._current.lite is None and on_tf._current.runtime == "tensorflow"
         assert on_lite._current.runtime == "litert"
+        assert on_lite.status().detail == "version 1 on LiteRT"
+        assert on_tf.status().detail == "version 1 on TensorFlow"
         rows = np.random.default_rng(2).integers(0, 256, (5, 32, 32, 3)).astype(np.float32)
         rows[0] = 0.0  # black: the tiny model abstains on it
         want = _signature_outputs(on_tf._current, rows)
