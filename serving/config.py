@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from contract.signatures import MAX_PIXELS, SERVING_DEFAULT
+from serving.backends.litert import LITERT, RUNTIMES
 from serving.batching import BatchingParameters
 
 T = TypeVar("T")
@@ -54,7 +55,7 @@ class Settings:
     # version's signature to LiteRT (XNNPACK) at load and uses it once it agrees with the SavedModel,
     # else TensorFlow; "tensorflow" always calls the SavedModel's signature. model_threads: LiteRT's
     # threads per model, None = the CPUs this process may use, at most 4.
-    runtime: str = "litert"
+    runtime: str = LITERT
     model_threads: int | None = None
     # API keys and rate limits (serving/auth.py, serving/ratelimit.py, docs/deploy.md); all off by
     # default, so `make serve` on 127.0.0.1 needs no key. Read by _access() below.
@@ -206,7 +207,7 @@ class Settings:
                 lambda raw: raw.lower(),
                 d.runtime,
                 "litert (the default: LiteRT where a version converts) or tensorflow",
-                lambda v: v in ("litert", "tensorflow"),
+                lambda v: v in RUNTIMES,
             ),
             model_threads=read(
                 "GATEWAY_MODEL_THREADS",

@@ -4,7 +4,8 @@ model run by XNNPACK's CPU kernels, and used for predictions only once it agrees
 Why: TensorFlow's runtime costs about 1.5 ms of CPU per call beside the arithmetic (op dispatch,
 thread hand-offs), which at the batches of 1-4 a gateway forms is a third of the work; XNNPACK runs the
 same convolutions with almost no per-call cost and faster kernels on this CPU (docs/benchmarks.md,
-"Runtimes": CPU per image flat across batch sizes, well under TensorFlow's at every batch size).
+the serving section's bare-model table: CPU per image flat across batch sizes, under TensorFlow's at
+every batch size).
 
 The SavedModel stays the contract: the conversion is made from the published version itself (no
 second artifact to keep in step), and before a version is served this way its outputs on probe images
