@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import logging
 import math
 import os
 import threading
@@ -30,8 +29,6 @@ from typing import Any
 import numpy as np
 
 from contract.signatures import ABSTAIN_KEY, CLASSES_KEY, IMAGES_KEY, OOD_SCORE_KEY, PROBABILITIES_KEY
-
-log = logging.getLogger(__name__)
 
 LITERT = "litert"
 TENSORFLOW = "tensorflow"
@@ -74,7 +71,6 @@ class LiteSignature:
 
     def __init__(self, flatbuffer: bytes, num_threads: int) -> None:
         self.num_threads = num_threads
-        self.size_bytes = len(flatbuffer)
         self._parallel = _runner(flatbuffer, num_threads)
         self._single = self._parallel if num_threads == 1 else _runner(flatbuffer, 1)
         self.output_keys = tuple(k for k in PREDICTION_KEYS if k in self._single.get_output_details())

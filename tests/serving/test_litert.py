@@ -26,10 +26,15 @@ def _signature_outputs(model, rows: np.ndarray) -> dict[str, np.ndarray]:
     return {key: outputs[key].numpy() for key in litert.PREDICTION_KEYS if key in outputs}
 
 
+@pytest.fixture(scope="module")
+def model(exported_model):
+    """The trained exported version, loaded (and converted) once for this module's read-only tests."""
+    return load_version(exported_model.base_path / exported_model.name, exported_model.version)
+
+
 def test_the_trained_model_runs_on_litert_and_agrees_with_its_savedmodel(
-    exported_model, reference_pixels: np.ndarray
+    model, reference_pixels: np.ndarray
 ) -> None:
-    model = load_version(exported_model.base_path / exported_model.name, exported_model.version)
     assert model.runtime == "litert" and model.lite is not None
     assert set(model.lite.output_keys) == {"probabilities", "ood_score", "abstain"}
     # Sizes change between calls; both interpreters (all threads, and the one-thread one for busy times).
@@ -43,8 +48,7 @@ def test_the_trained_model_runs_on_litert_and_agrees_with_its_savedmodel(
         np.testing.assert_array_equal(got["probabilities"].argmax(1), want["probabilities"].argmax(1))
 
 
-def test_real_photos_get_the_same_answers_on_both_runtimes(exported_model, cifar_sample) -> None:
-    model = load_version(exported_model.base_path / exported_model.name, exported_model.version)
+def test_real_photos_get_the_same_answers_on_both_runtimes(model, cifar_sample) -> None:
     rows = np.stack(
         [
             np.asarray(Image.open(path).convert("RGB").resize((32, 32)), np.float32)
@@ -56,9 +60,8 @@ def test_real_photos_get_the_same_answers_on_both_runtimes(exported_model, cifar
     np.testing.assert_array_equal(got["abstain"], want["abstain"])
 
 
-def test_concurrent_callers_each_get_their_own_rows(exported_model, reference_pixels: np.ndarray) -> None:
+def test_concurrent_callers_each_get_their_own_rows(model, reference_pixels: np.ndarray) -> None:
     """Batch threads share one interpreter; it resizes per call, so unguarded calls would mix rows."""
-    model = load_version(exported_model.base_path / exported_model.name, exported_model.version)
     batches = [reference_pixels[: n + 1] for n in range(8)]
     expected = [model.lite(rows)["probabilities"] for rows in batches]
     wrong: list[int] = []
