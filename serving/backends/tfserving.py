@@ -200,6 +200,7 @@ class TFServingBackend:
         # its share goes to stable, so /v1/models does not call it the canary until it answers.
         self._canary_refused: int | None = None
         self._labels_read_at = -float("inf")
+        self._labels_lock = threading.Lock()
         self.poll_interval_s = poll_interval_s
         self._router = Router(rng)
         self._comparisons = Comparisons()
@@ -327,11 +328,14 @@ class TFServingBackend:
         """labels.json's labels, re-read at most once per poll interval (a stat when unchanged)."""
         if self._labels_file is None:
             return None
-        now = time.monotonic()
-        if now - self._labels_read_at >= self.poll_interval_s:
-            self._labels_read_at = now
-            self._labels = self._labels_file.read()
-        return self._labels
+        # One reader at a time: a request arriving while another thread re-reads must get the labels
+        # that read returns, not the ones before it (before the first read: None, TF Serving's latest).
+        with self._labels_lock:
+            now = time.monotonic()
+            if now - self._labels_read_at >= self.poll_interval_s:
+                self._labels = self._labels_file.read()
+                self._labels_read_at = now
+            return self._labels
 
     def predict(self, images: np.ndarray, *, timeout_s: float | None = None) -> Prediction:
         """Probabilities for uint8 [N, 32, 32, 3]; timeout_s caps the configured deadline.

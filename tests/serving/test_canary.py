@@ -342,6 +342,38 @@ def tfserving_backend(base: Path, address: str, seed: int = 0):
     )
 
 
+def test_tfserving_requests_arriving_during_the_first_read_get_its_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gthread workers call labels() from several threads: one arriving while another reads
+    labels.json (the first time: nothing read yet) must wait for that read, not go out without a
+    label and be answered by TF Serving's latest version (seen in the TF Serving drill)."""
+    (tmp_path / NAME).mkdir()
+    write_labels(tmp_path, stable=1)
+    reading = threading.Event()
+    slow_read = canary.LabelsFile.read
+
+    def read(self: canary.LabelsFile) -> canary.Labels | None:
+        reading.set()
+        time.sleep(0.3)  # a slow disk: the second request arrives meanwhile
+        return slow_read(self)
+
+    monkeypatch.setattr(canary.LabelsFile, "read", read)
+    backend = tfserving_backend(tmp_path, "127.0.0.1:1")  # labels() makes no call
+    backend.poll_interval_s = 60.0
+    try:
+        first: list[canary.Labels | None] = []
+        reader = threading.Thread(target=lambda: first.append(backend.labels()))
+        reader.start()
+        assert reading.wait(10)
+        during = backend.labels()
+        reader.join(10)
+    finally:
+        backend.close()
+    assert first[0] is not None and first[0].stable == 1
+    assert during == first[0]
+
+
 @pytest.mark.slow
 def test_tfserving_requests_carry_the_version_label_by_the_split(base: Path, labelled_double) -> None:
     backend = tfserving_backend(base, labelled_double.address)
