@@ -289,7 +289,29 @@ def serving_section(data: dict[str, Any]) -> list[str]:
     lines += ["", "| target (issue 14) | measured | result |", "|---|---|---|"]
     lines += [f"| {t['name']} | {t['text']} | {met(t['met'])} |" for t in data["targets"]]
     lines += ["", *_cpu_budget_lines(data.get("cpu_budget"), data["bare_model"])]
-    return lines
+    return lines + _startup_lines(data.get("startup"))
+
+
+def _startup_lines(startup: dict[str, Any] | None) -> list[str]:
+    """The gateway's start with the LiteRT conversion cache off, cold and warm (worker_startup.py)."""
+    if not startup:
+        return ["Start-up with the LiteRT conversion cache: not measured in this run.", ""]
+    lines = [
+        f"Start-up (benchmarks/worker_startup.py, the same model, {startup['workers']} workers): seconds",
+        "from starting gunicorn until every worker serves on LiteRT; \"cold\" is a machine's first start",
+        "with the conversion cache (serving/backends/litert_cache.py), \"warm\" a restart after it.",
+        "",
+        "| conversion cache | start to all workers on LiteRT, s | workers converting "
+        "| workers reading the cache | per worker: convert or read, and check, s | worker RSS, MiB |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for case in startup["cases"]:
+        lines.append(
+            f"| {case['cache']} | {case['seconds']:.1f} | {case['converted']} | {case['from_cache']} "
+            f"| {', '.join(f'{s:.1f}' for s in case['load_s'])} "
+            f"| {', '.join(str(r) for r in case['worker_rss_mib'])} |"
+        )
+    return [*lines, ""]
 
 
 def _cpu_budget_lines(budget: dict[str, Any] | None, bare: dict[str, Any]) -> list[str]:

@@ -63,6 +63,7 @@ import psutil
 from PIL import Image
 
 from benchmarks.machine import describe, load_average
+from benchmarks.worker_startup import measure_startup
 from contract.signatures import CHANNELS, IMAGES_KEY, INPUT_SIZE, PROBABILITIES_KEY, SERVING_DEFAULT
 from loadtest.gateway_process import PROJECT_ROOT, running_gateway
 
@@ -749,8 +750,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--skip",
         nargs="*",
         default=[],
-        choices=["naive", "litserve", "tfserving"],
-        help="leave out the naive app, LitServe or the TF Serving double run",
+        choices=["naive", "litserve", "tfserving", "startup"],
+        help="leave out the naive app, LitServe, the TF Serving double run or the start-up timing",
     )
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -801,6 +802,8 @@ def main(argv: list[str] | None = None) -> int:
         for n, path in bodies.items():
             path.write_bytes(multipart("images", sample_pngs(n)))
         measure_gateway(results, work / "models", bodies, args, load)
+        if "startup" not in args.skip:
+            results["startup"] = measure_startup(gateway_env(work / "models"), args.workers, work)
         if "naive" not in args.skip:
             naive_body = work / "naive-body.multipart"
             naive_body.write_bytes(multipart("file", sample_pngs(1)))

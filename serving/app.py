@@ -52,6 +52,7 @@ def make_backend(settings: Settings) -> Backend:
         batching=settings.batching,
         runtime=settings.runtime,
         model_threads=settings.model_threads,
+        litert_cache_dir=settings.litert_cache_dir,
     )
 
 

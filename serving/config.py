@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from contract.signatures import MAX_PIXELS, SERVING_DEFAULT
 from serving.backends.litert import LITERT, RUNTIMES
+from serving.backends.litert_cache import default_cache_dir
 from serving.batching import BatchingParameters
 
 T = TypeVar("T")
@@ -57,6 +58,9 @@ class Settings:
     # threads per model, None = the CPUs this process may use, at most 4.
     runtime: str = LITERT
     model_threads: int | None = None
+    # Where workers keep LiteRT conversions, so a machine converts each version once
+    # (serving/backends/litert_cache.py); GATEWAY_LITERT_CACHE_DIR=off converts in every worker.
+    litert_cache_dir: Path | None = field(default_factory=default_cache_dir)
     # API keys and rate limits (serving/auth.py, serving/ratelimit.py, docs/deploy.md); all off by
     # default, so `make serve` on 127.0.0.1 needs no key. Read by _access() below.
     api_keys_file: Path | None = None  # GATEWAY_API_KEYS_FILE: `name:sha256hex` lines
@@ -215,6 +219,13 @@ class Settings:
                 d.model_threads,
                 "LiteRT threads per model as an integer >= 1 (empty: the CPUs available, at most 4)",
                 lambda v: v >= 1,
+            ),
+            litert_cache_dir=read(
+                "GATEWAY_LITERT_CACHE_DIR",
+                lambda raw: None if raw.lower() == "off" else Path(raw),
+                d.litert_cache_dir,
+                "a directory for LiteRT conversions, or off",
+                lambda v: True,
             ),
             **_access(env),
             **_slow_clients(read, d),

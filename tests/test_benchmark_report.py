@@ -125,6 +125,14 @@ def serving_json() -> dict[str, Any]:
     bench.add_ratios(results)
     results["targets"] = bench.check_targets(results)
     results["cpu_budget"] = bench.cpu_budget(results)
+    results["startup"] = {"workers": 2, "cases": [
+        {"cache": "off", "seconds": 10.04, "worker_rss_mib": [950, 952], "converted": 2, "from_cache": 0,
+         "load_s": [2.8, 2.9]},
+        {"cache": "cold", "seconds": 10.0, "worker_rss_mib": [907, 947], "converted": 1, "from_cache": 1,
+         "load_s": [2.9, 2.9]},
+        {"cache": "warm", "seconds": 7.8, "worker_rss_mib": [908, 908], "converted": 0, "from_cache": 2,
+         "load_s": [0.3, 0.3]},
+    ]}  # fmt: skip
     return results
 
 
@@ -280,6 +288,16 @@ def test_serving_cpu_per_request_and_the_budget_of_the_70_percent_target(full_re
     # The naive app: 120 + 0.5 ms per request; 15x its req/s leaves 120.5 / 15 - 0.5 = 7.53 ms.
     assert "- the naive app spends 120.50 ms per request" in body
     assert "so 15x its req/s leaves the gateway 7.53 ms per request" in body
+
+
+def test_start_up_with_the_conversion_cache_off_cold_and_warm(full_results: Path, tmp_path: Path) -> None:
+    body = section(report.render(full_results, now=NOW), "## Serving latency")
+    assert "| off | 10.0 | 2 | 0 | 2.8, 2.9 | 950, 952 |" in body
+    assert "| warm | 7.8 | 0 | 2 | 0.3, 0.3 | 908, 908 |" in body
+    data = serving_json()
+    del data["startup"]  # a run with --skip startup, or from before the cache
+    write(tmp_path, "serving_latency.json", data)
+    assert "conversion cache: not measured" in section(report.render(tmp_path, now=NOW), "## Serving latency")
 
 
 def test_results_without_cpu_figures_say_so(tmp_path: Path) -> None:

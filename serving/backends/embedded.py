@@ -42,6 +42,7 @@ from serving.backends.base import (
 )
 from serving.backends.explain import explain_saved_model
 from serving.backends.litert import LITERT, PREDICTION_KEYS, TENSORFLOW, LiteSignature, load_lite
+from serving.backends.litert_cache import ConversionCache, cache_key
 from serving.batching import Batcher, BatchingParameters
 from serving.canary import (
     CANARY,
@@ -94,9 +95,11 @@ def load_version(
     *,
     runtime: str = LITERT,
     model_threads: int | None = None,
+    litert_cache: ConversionCache | None = None,
 ) -> LoadedModel:
     """Load one version and run it once, so the first request does not pay for tracing; with
-    runtime "litert", also its LiteRT conversion when that converts and agrees (litert.py)."""
+    runtime "litert", also its LiteRT conversion when that converts and agrees (litert.py), read
+    from `litert_cache` when a worker on this machine converted it before (litert_cache.py)."""
     import tensorflow as tf  # imported here so the gateway's TF Serving mode need not load it eagerly
 
     path = model_dir / str(version)
@@ -111,16 +114,18 @@ def load_version(
     class_names = tuple(c.decode("utf-8") for c in outputs[CLASSES_KEY].numpy()[0])
     lite = None
     if runtime == LITERT:
-        conversion = load_lite(saved_model, signature, model_threads)
+        key = cache_key(path, signature_name) if litert_cache is not None and litert_cache.usable else ""
+        conversion = load_lite(saved_model, signature, model_threads, cache=litert_cache, key=key)
         lite = conversion.lite
         if lite is None:
             log.warning("version %s runs on TensorFlow, not LiteRT: %s", version, conversion.reason)
         else:
             log.info(
-                "version %s runs on LiteRT (XNNPACK, %d threads; converted and checked in %.1f s, "
+                "version %s runs on LiteRT (XNNPACK, %d threads; %s and checked in %.1f s, "
                 "largest difference from the SavedModel %.2g)",
                 version,
                 lite.num_threads,
+                "read from the conversion cache" if conversion.cached else "converted",
                 conversion.seconds,
                 conversion.max_difference,
             )
@@ -144,6 +149,7 @@ class EmbeddedBackend:
         explain_threads: int = 2,
         runtime: str = LITERT,
         model_threads: int | None = None,
+        litert_cache_dir: Path | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.model_name = model_name
@@ -153,6 +159,10 @@ class EmbeddedBackend:
         self.deadline_s = deadline_s
         self.runtime = runtime  # "litert" (predictions on LiteRT where a version converts) or "tensorflow"
         self.model_threads = model_threads  # LiteRT's threads per model; None: litert.default_threads()
+        # Conversions shared by this machine's workers and kept across restarts (None: not cached).
+        self._litert_cache = (
+            ConversionCache(litert_cache_dir) if litert_cache_dir is not None and runtime == LITERT else None
+        )
         # Predictions from concurrent requests run together (serving/batching.py); explanations (a
         # backward pass each, rarer) run on their own small pool. Both give up at the deadline
         # (504) instead of waiting behind an overloaded CPU, and drop work still queued then.
@@ -312,6 +322,7 @@ class EmbeddedBackend:
                 self.signature_name,
                 runtime=self.runtime,
                 model_threads=self.model_threads,
+                litert_cache=self._litert_cache,
             )
         except Exception as error:  # a broken version must not take the served one down
             self._broken[version] = marker

@@ -16,7 +16,9 @@ log line saying why; explanations (gradients) always run on TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import dataclasses
 import gc
 import math
 import os
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from contract.signatures import ABSTAIN_KEY, CLASSES_KEY, IMAGES_KEY, OOD_SCORE_KEY, PROBABILITIES_KEY
+from serving.backends.litert_cache import ConversionCache
 
 LITERT = "litert"
 TENSORFLOW = "tensorflow"
@@ -98,7 +101,8 @@ class Conversion:
     lite: LiteSignature | None
     reason: str  # why it runs on TensorFlow ("" when on LiteRT)
     max_difference: float = 0.0  # largest |difference| seen on the probes
-    seconds: float = 0.0  # conversion and check, for the log
+    seconds: float = 0.0  # conversion (or cache read) and check, for the log
+    cached: bool = False  # the flatbuffer came from the conversion cache
 
 
 def convert(saved_model: Any, signature: Any) -> bytes:
@@ -154,18 +158,48 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) 
     return worst, ""
 
 
-def load_lite(saved_model: Any, signature: Any, num_threads: int | None = None) -> Conversion:
-    """Convert `signature` (of `saved_model`) and check the result against the signature itself on
-    the probes; never raises (a version that cannot run on LiteRT runs on TensorFlow)."""
-    import tensorflow as tf
-
+def load_lite(
+    saved_model: Any,
+    signature: Any,
+    num_threads: int | None = None,
+    *,
+    cache: ConversionCache | None = None,
+    key: str = "",
+) -> Conversion:
+    """Convert `signature` (of `saved_model`), or read its conversion from `cache` under `key`
+    (litert_cache.py), and check the result against the signature itself on the probes; never
+    raises (a version that cannot run on LiteRT runs on TensorFlow)."""
     started = time.monotonic()
     threads = num_threads or default_threads()
+    store = cache if cache is not None and cache.usable and key else None
+    with store.locked(key) if store else contextlib.nullcontext():
+        if store and (flatbuffer := store.read(key)) is not None:
+            conversion = _checked(flatbuffer, signature, threads, cached=True)
+            if conversion.lite is not None:
+                return dataclasses.replace(conversion, seconds=time.monotonic() - started)
+            store.discard(key)  # a damaged entry: converted again below
+        try:
+            flatbuffer = convert(saved_model, signature)
+        except Exception as error:  # an op LiteRT lacks, a converter bug: TensorFlow serves it
+            return Conversion(None, f"LiteRT conversion failed ({_first_line(error)})")
+        conversion = _checked(flatbuffer, signature, threads)
+        if store and conversion.lite is not None:
+            store.write(key, flatbuffer)
+    return dataclasses.replace(conversion, seconds=time.monotonic() - started)
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+
+
+def _checked(flatbuffer: bytes, signature: Any, threads: int, cached: bool = False) -> Conversion:
+    """The flatbuffer on LiteRT if it agrees with `signature` on every probe, on both interpreters."""
+    import tensorflow as tf
+
     try:
-        lite = LiteSignature(convert(saved_model, signature), threads)
-    except Exception as error:  # an op LiteRT lacks, a converter bug: TensorFlow serves it
-        first_line = (str(error).strip().splitlines() or [""])[0][:300]
-        return Conversion(None, f"LiteRT conversion failed ({type(error).__name__}: {first_line})")
+        lite = LiteSignature(flatbuffer, threads)
+    except Exception as error:  # a damaged cache entry, an op this LiteRT build lacks
+        return Conversion(None, f"LiteRT could not load the conversion ({_first_line(error)})")
     worst = 0.0
     for rows in probes():
         outputs = signature(**{IMAGES_KEY: tf.constant(rows)})
@@ -178,4 +212,4 @@ def load_lite(saved_model: Any, signature: Any, num_threads: int | None = None) 
             if problem:
                 return Conversion(None, f"LiteRT disagrees with the SavedModel: {problem}", worst)
     _release_freed_heap()  # again: the probes' TensorFlow calls freed some more
-    return Conversion(lite, "", worst, time.monotonic() - started)
+    return Conversion(lite, "", worst, cached=cached)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,13 @@ def test_the_embedded_runtime_is_litert_unless_told() -> None:
     assert Settings.from_env({}).runtime == "litert" and Settings.from_env({}).model_threads is None
     settings = Settings.from_env({"GATEWAY_RUNTIME": "TensorFlow", "GATEWAY_MODEL_THREADS": "1"})
     assert settings.runtime == "tensorflow" and settings.model_threads == 1
+
+
+def test_litert_conversions_are_cached_per_user_unless_off(tmp_path: Path) -> None:
+    default = Settings.from_env({}).litert_cache_dir
+    assert default is not None and default.name == f"cifar10-gateway-litert-{os.getuid()}"
+    assert Settings.from_env({"GATEWAY_LITERT_CACHE_DIR": str(tmp_path)}).litert_cache_dir == tmp_path
+    assert Settings.from_env({"GATEWAY_LITERT_CACHE_DIR": "OFF"}).litert_cache_dir is None
 
 
 def test_empty_tfserving_address_means_embedded() -> None:
