@@ -10,8 +10,9 @@ every batch size).
 The SavedModel stays the contract: the conversion is made from the published version itself (no
 second artifact to keep in step), and before a version is served this way its outputs on probe images
 are compared with the TensorFlow signature's (PARITY_ATOL, the parity tolerance training and serving
-keep). A version LiteRT cannot convert (an op it lacks) or that disagrees runs on TensorFlow, with a
-log line saying why; explanations (gradients) always run on TensorFlow.
+keep), also when the conversion is read from the machine's cache (litert_cache.py). A version LiteRT
+cannot convert (an op it lacks) or that disagrees runs on TensorFlow, with a log line saying why;
+explanations (gradients) always run on TensorFlow.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
+import logging
 import math
 import os
 import threading
@@ -32,6 +34,8 @@ import numpy as np
 
 from contract.signatures import ABSTAIN_KEY, CLASSES_KEY, IMAGES_KEY, OOD_SCORE_KEY, PROBABILITIES_KEY
 from serving.backends.litert_cache import ConversionCache
+
+log = logging.getLogger(__name__)
 
 LITERT = "litert"
 TENSORFLOW = "tensorflow"
@@ -177,6 +181,8 @@ def load_lite(
             conversion = _checked(flatbuffer, signature, threads, cached=True)
             if conversion.lite is not None:
                 return dataclasses.replace(conversion, seconds=time.monotonic() - started)
+            log.warning("the cached LiteRT conversion %s… fails its check (%s); converting again",
+                        key[:12], conversion.reason)  # fmt: skip
             store.discard(key)  # a damaged entry: converted again below
         try:
             flatbuffer = convert(saved_model, signature)

@@ -76,7 +76,7 @@ def test_workers_loading_at_once_convert_once(base: Path, tmp_path: Path, conver
 
 @pytest.mark.slow
 def test_a_damaged_or_wrong_entry_is_converted_again(
-    base: Path, tmp_path: Path, conversions: list[int]
+    base: Path, tmp_path: Path, conversions: list[int], caplog: pytest.LogCaptureFixture
 ) -> None:
     cache = ConversionCache(tmp_path / "cache")
 
@@ -89,11 +89,13 @@ def test_a_damaged_or_wrong_entry_is_converted_again(
     entry.write_bytes(valid[: len(valid) // 2])  # a truncated file
     assert load_version(base / "cifar10", 1, litert_cache=cache).lite is not None
     assert len(conversions) == 2 and entry.read_bytes() == valid
+    assert "the cached LiteRT conversion" in caplog.text and "LiteRT could not load" in caplog.text
     # A readable flatbuffer that is not this version's (version 2's weights): the probes catch it.
     other = load_version(base / "cifar10", 2, litert_cache=cache)
     entry.write_bytes(entry_of(2).read_bytes())
     again = load_version(base / "cifar10", 1, litert_cache=cache)
     assert len(conversions) == 4 and entry.read_bytes() == valid
+    assert "LiteRT disagrees with the SavedModel" in caplog.text  # why the wrong entry was dropped
     want = good.lite(rows())["probabilities"]
     np.testing.assert_array_equal(again.lite(rows())["probabilities"], want)
     assert not np.allclose(other.lite(rows())["probabilities"], want)  # the wrong entry was wrong
