@@ -78,16 +78,29 @@ class ConversionCache:
 
     @contextlib.contextmanager
     def locked(self, key: str) -> Iterator[None]:
-        """Hold `key`'s lock: one worker converts a version while the others wait for its entry."""
-        if not self.usable or fcntl is None:
-            yield
-            return
-        with open(self.directory / f"{key}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        """Hold `key`'s lock: one worker converts a version while the others wait for its entry.
+        The directory is checked again first: a temporary-file cleaner may have removed it since
+        (it is then made again), or someone replaced it (then the cache is not used)."""
+        problem = _unsafe(self.directory)
+        if problem != self.problem:
+            self.problem = problem
+            if problem:
+                log.warning("LiteRT conversions are not cached: %s", problem)
+        lock = None
+        if self.usable and fcntl is not None:
             try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                lock = open(self.directory / f"{key}.lock", "a")  # closed below
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+            except OSError as error:
+                log.warning("no lock for a LiteRT conversion in %s (%s)", self.directory, error)
+                if lock is not None:
+                    lock.close()
+                lock = None
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.close()
 
     def read(self, key: str) -> bytes | None:
         if not self.usable:
@@ -105,15 +118,17 @@ class ConversionCache:
         to write (a full disk) only costs the next worker a conversion."""
         if not self.usable:
             return
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{key[:16]}-", suffix=".tmp")
+        tmp = ""
         try:
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{key[:16]}-", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(flatbuffer)
             os.replace(tmp, self.directory / f"{key}{SUFFIX}")
         except OSError as error:
             log.warning("could not cache a LiteRT conversion in %s: %s", self.directory, error)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            if tmp:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
             return
         self._prune()
 

@@ -4,6 +4,7 @@ checked like a fresh conversion; the directory must be this user's alone."""
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -131,6 +132,25 @@ def test_a_directory_others_can_write_is_not_used(tmp_path: Path) -> None:
         theirs.mkdir(mode=0o700)
         os.chown(theirs, 12345, 12345)
         assert "belongs to another user" in ConversionCache(theirs).problem
+
+
+@pytest.mark.slow
+def test_a_directory_removed_or_replaced_after_start_never_fails_a_load(
+    base: Path, tmp_path: Path, conversions: list[int]
+) -> None:
+    """A temporary-file cleaner may delete the directory under a running gateway: it is made again.
+    One swapped for a directory others may write is not used from then on. Neither fails a load."""
+    directory = tmp_path / "cache"
+    cache = ConversionCache(directory)
+    shutil.rmtree(directory)
+    assert load_version(base / "cifar10", 1, litert_cache=cache).lite is not None
+    assert len(list(directory.glob("*.tflite"))) == 1 and (directory.stat().st_mode & 0o777) == 0o700
+    shutil.rmtree(directory)
+    directory.mkdir()
+    os.chmod(directory, 0o777)
+    assert load_version(base / "cifar10", 1, litert_cache=cache).lite is not None
+    assert not cache.usable and "writable by other users" in cache.problem
+    assert not list(directory.iterdir()) and len(conversions) == 2
 
 
 def test_the_least_recently_used_entries_go_beyond_keep(tmp_path: Path) -> None:
