@@ -210,6 +210,14 @@ def _timeout_response() -> bytes:
     return head.encode() + body
 
 
+def _has_pending_bytes(sock: socket.socket) -> bool:
+    """Whether a (non-blocking) socket holds unread bytes; False when empty, closed or failed."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))  # never waits
+    except OSError:  # BlockingIOError: nothing there; others: the connection is gone
+        return False
+
+
 class BufferedThreadWorker(ThreadWorker):
     """gthread that hands its threads whole requests only (see the module docstring)."""
 
@@ -347,6 +355,21 @@ class BufferedThreadWorker(ThreadWorker):
             if reading.deadline <= now:
                 got_bytes = bool(reading.framer.buf)
                 self._drop(conn, _timeout_response() if got_bytes else None)
+
+    def murder_keepalived(self, force: bool = False) -> None:
+        """gthread's, except that an expired kept-alive connection on which the client has already
+        sent its next request is served, not closed. The loop polls, then closes what expired; when
+        another thread held the GIL for longer than a poll (a version loading in native code), a
+        request can reach the socket after the poll and before this, and closing would drop it (a
+        POST the client cannot safely retry). Peeking leaves only the kernel's microseconds."""
+        if not force:
+            now = time.monotonic()
+            for conn in list(self.keepalived_conns):
+                if conn.timeout > now:
+                    break  # in timeout order: the rest have not expired
+                if _has_pending_bytes(conn.sock):
+                    self.on_client_socket_readable(conn, conn.sock)
+        super().murder_keepalived(force)
 
     def finish_request(self, conn: TConn, fs: Any) -> None:
         self._continue_sent.discard(conn)

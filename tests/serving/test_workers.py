@@ -224,6 +224,36 @@ def test_slow_clients_are_cut_off_at_their_deadlines(echo_server: GatewayProcess
 
 
 @pytest.mark.slow
+def test_a_request_on_an_expired_keep_alive_connection_is_served_after_a_stall(tmp_path: Path) -> None:
+    """The event loop closes kept-alive connections past their keep-alive timeout (2 s). When another
+    thread held the GIL for seconds (a version loading), its last poll ended before a client's next
+    request arrived on such a connection: that request is in the socket, unseen, and closing the
+    connection would drop it (a POST the client cannot safely retry). It must be served."""
+    with running_gateway(
+        {}, workers=1, threads=2, app="tests.fixtures.echo_wsgi:app", probe_path="/", log_dir=tmp_path / "log"
+    ) as gateway:
+        kept = socket.create_connection(("127.0.0.1", gateway.port), timeout=20)
+        staller = socket.create_connection(("127.0.0.1", gateway.port), timeout=20)
+        try:
+            kept.sendall(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n")
+            first = kept.recv(65536)
+            answered = time.monotonic()
+            assert first.startswith(b"HTTP/1.1 200 OK") and b"close" not in first.lower()
+            staller.sendall(b"GET /gil?6 HTTP/1.1\r\nHost: t\r\n\r\n")  # the loop stalls ~6 s from now
+            # Past the keep-alive timeout, and more than the loop's 1 s poll into the stall:
+            time.sleep(max(0.0, answered + 2.5 - time.monotonic()))
+            kept.sendall(b"POST /second HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi")
+            second = b""
+            while b'"/second"' not in second and (chunk := kept.recv(65536)):
+                second += chunk
+            assert staller.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        finally:
+            kept.close()
+            staller.close()
+    assert second.startswith(b"HTTP/1.1 200 OK") and b'"/second"' in second, second[:300]
+
+
+@pytest.mark.slow
 def test_a_stopping_worker_answers_connections_it_accepted(tmp_path: Path) -> None:
     """SIGTERM (a rollout) arrives after the worker accepted connections whose requests are not
     whole yet: each request that arrives within the linger is answered, with "Connection: close";
