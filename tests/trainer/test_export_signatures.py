@@ -167,3 +167,28 @@ def test_verification_rejects_an_export_that_does_not_reproduce_the_model(export
     other = keras.saving.load_model(write_tiny_run_dir(tmp_path / "other", seed=7) / "model.keras")
     with pytest.raises(ExportVerificationError, match="differ from the Keras model"):
         verify_export(other, exported_model.class_names, exported_model.path)
+
+
+def test_an_export_traces_the_decoding_graph_once_per_context_not_per_bytes_signature(
+    keras_model, exported_model, tmp_path, monkeypatch
+):
+    """The decoding graph is the largest part of an export's tracing; serving_bytes and explain_bytes
+    share one tf.function of it (savedmodel.shared_decoder). tf.saved_model.save traces again under
+    its save context, so two traces per export; four when each signature decodes on its own."""
+    import trainer.export.gradcam as gradcam
+    import trainer.export.savedmodel as savedmodel
+    from tests.tfserving_session import TFServingSession
+
+    traces = []
+    real = savedmodel.decode_and_resize_batch
+
+    def counted(image_bytes):
+        traces.append(image_bytes.graph)
+        return real(image_bytes)
+
+    monkeypatch.setattr(savedmodel, "decode_and_resize_batch", counted)
+    monkeypatch.setattr(gradcam, "decode_and_resize_batch", counted)  # where explain_bytes would import it
+    out = savedmodel.export_savedmodel(keras_model, exported_model.class_names, tmp_path / "1")
+    assert len(traces) == 2
+    with TFServingSession.load(out) as exported:  # both bytes signatures still decode
+        assert {"serving_bytes", "explain_bytes"} <= set(exported.signature_defs)

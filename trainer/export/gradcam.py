@@ -19,6 +19,8 @@ its mirror, so it lines up with the picture the caller sent.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -164,8 +166,10 @@ def add_explain_endpoints(
     class_names: tf.Tensor,
     tta: str = NONE,
     trust: TrustHead | None = None,
+    decode: Callable[[tf.Tensor], tf.Tensor] = decode_and_resize_batch,
 ) -> bool:
-    """Register `explain` and `explain_bytes` on `archive` (which already tracks `model`).
+    """Register `explain` and `explain_bytes` on `archive` (which already tracks `model`);
+    `explain_bytes` turns encoded images into pixels with `decode` (savedmodel.shared_decoder).
 
     Returns False, registering nothing, for a model without a spatial layer to explain from, so
     such models still export with the two contracted signatures.
@@ -183,7 +187,7 @@ def add_explain_endpoints(
         return outputs(images, class_index)
 
     def explain_bytes(image_bytes: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
-        return outputs(decode_and_resize_batch(image_bytes), class_index)
+        return outputs(decode(image_bytes), class_index)
 
     class_spec = tf.TensorSpec([None], tf.int32, name=CLASS_INDEX_KEY)
     archive.add_endpoint(
