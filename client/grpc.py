@@ -41,15 +41,15 @@ from tensorflow_serving.apis import (
 )
 
 from client.images import ImageInput, read_image, to_pixels
-from client.results import ClientError, ModelStatus, PredictResult, VersionStatus, rank
+from client.results import ClientError, ModelStatus, PredictResult, VersionStatus, check_request_id, rank
 from contract.channel import (
     MAX_MESSAGE_BYTES,
-    REQUEST_ID_METADATA,
     TLSConfigError,
     channel_options,
     open_channel,
     retry_service_config,
 )
+from contract.request_id import METADATA_KEY as REQUEST_ID_METADATA
 from contract.signatures import ABSTAIN_KEY, DEFAULT_TOP_K, OOD_SCORE_KEY
 from contract.signatures import SERVING_BYTES as BYTES_SIGNATURE
 from contract.signatures import SERVING_DEFAULT as PIXELS_SIGNATURE
@@ -141,6 +141,8 @@ class GRPCClient:
 
     def _call(self, method, request, timeout: float | None, request_id: str | None = None):
         seconds = self.timeout if timeout is None else timeout
+        if request_id:
+            check_request_id(request_id)
         metadata = ((REQUEST_ID_METADATA, request_id),) if request_id else None
         try:
             return method(request, timeout=seconds, metadata=metadata)

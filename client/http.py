@@ -22,11 +22,17 @@ from typing import Any
 import requests
 
 from client.images import ImageInput, read_image
-from client.results import ClientError, ImagePrediction, ModelStatus, PredictResult, VersionStatus
+from client.results import (
+    ClientError,
+    ImagePrediction,
+    ModelStatus,
+    PredictResult,
+    VersionStatus,
+    check_request_id,
+)
 from contract.overload import CircuitBreaker, CircuitOpen, RetryBudget
+from contract.request_id import HEADER as REQUEST_ID_HEADER
 from contract.signatures import DEFAULT_TOP_K
-
-REQUEST_ID_HEADER = "X-Request-ID"  # the gateway keeps a valid one (serving/request_id.py)
 
 
 class HTTPClient:
@@ -138,6 +144,8 @@ class HTTPClient:
         bodies (and TF Serving's metadata); without one the gateway makes its own."""
         if not images:
             raise ClientError("no_images", "pass at least one image")
+        if request_id:
+            check_request_id(request_id)
         files = []
         for image in images:
             filename, data = read_image(image)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from contract.request_id import RULE, is_valid
+
 
 class ClientError(Exception):
     """A failed call: `code` is stable for programs (the gateway's error code, or the gRPC status
@@ -15,6 +17,13 @@ class ClientError(Exception):
         self.code = code
         self.message = message
         self.status = status  # HTTP status, when an HTTP server answered
+
+
+def check_request_id(request_id: str) -> None:
+    """Raise ClientError unless the gateway would keep `request_id` as it is: an id it replaced
+    would be missing from its logs when the caller looks it up."""
+    if not is_valid(request_id):
+        raise ClientError("bad_request_id", f"request id {request_id!r} is not {RULE}; pass one that is")
 
 
 @dataclass(frozen=True)

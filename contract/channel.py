@@ -20,9 +20,6 @@ from pathlib import Path
 
 import grpc
 
-# The request id in gRPC metadata (keys are lower case): the gateway's X-Request-ID, or the gRPC
-# client's own, so TF Serving's side (a service mesh's access log, Envoy) names the same id as the caller.
-REQUEST_ID_METADATA = "x-request-id"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # gRPC's 4 MiB default is ~1300 CIFAR images as float32
 SERVICES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
 # After an outage gRPC would wait up to 2 minutes between reconnects; come back within ~1 s.

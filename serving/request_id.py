@@ -1,26 +1,26 @@
 """A request id for every request: in `g.request_id`, the `X-Request-ID` response header, every error
 body and the gateway's log lines about the request.
 
-An incoming `X-Request-ID` (set by a proxy or the client) is kept when it is 1..64 characters of
-[A-Za-z0-9._-], so one id follows a call through nginx, the gateway and the client's own logs; any
-other value (too long, spaces, control characters that could forge log lines) is replaced by a fresh
-uuid4 hex. Error bodies carry the id instead of internals: an operator finds the details in the log
-by the id the client reports.
+An incoming `X-Request-ID` (set by a proxy or the client) is kept when it is valid
+(contract/request_id.py: 1..64 characters of [A-Za-z0-9._-]), so one id follows a call through
+nginx, the gateway and the client's own logs; any other value (too long, spaces, control characters
+that could forge log lines) is replaced by a fresh uuid4 hex. Error bodies carry the id instead of
+internals: an operator finds the details in the log by the id the client reports.
 """
 
 from __future__ import annotations
 
-import re
 import uuid
 
 from flask import Flask, Response, g, has_request_context, request
 
-HEADER = "X-Request-ID"
-_VALID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+from contract.request_id import HEADER, is_valid
+
+__all__ = ["HEADER", "current", "install"]
 
 
 def _choose(incoming: str | None) -> str:
-    if incoming is not None and _VALID.fullmatch(incoming):
+    if incoming is not None and is_valid(incoming):
         return incoming
     return uuid.uuid4().hex
 

@@ -34,8 +34,9 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from contract.channel import REQUEST_ID_METADATA, channel_credentials, channel_options, open_channel
+from contract.channel import channel_credentials, channel_options, open_channel
 from contract.overload import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen, RetryBudget
+from contract.request_id import METADATA_KEY as REQUEST_ID_METADATA
 from contract.signatures import (
     ABSTAIN_KEY,
     CHANNELS,

@@ -90,6 +90,13 @@ def test_request_id_is_sent_by_both_transports(tfserving_double, gateway_server,
     assert predicts[-1].metadata.get("x-request-id") == "cli-8"
 
 
+def test_an_invalid_request_id_fails_with_one_line_naming_the_rule(tmp_path, capsys):
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["predict", str(tmp_path / "a.png"), "--url", url, "--request-id", "no spaces please"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("[bad_request_id]") and "1..64 characters" in err and "\n" not in err
+
+
 def test_missing_image_file_fails_with_one_line(tmp_path, capsys):
     url = f"http://127.0.0.1:{free_port()}"
     assert main(["predict", str(tmp_path / "missing.png"), "--url", url]) == 1

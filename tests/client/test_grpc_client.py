@@ -91,6 +91,17 @@ def test_a_failed_call_names_its_request_id(tfserving_double, sample_images):
     assert tfserving_double.server.received[-1].metadata.get("x-request-id") == "ticket-7"
 
 
+def test_a_request_id_the_gateway_would_replace_is_refused_before_any_call(sample_images):
+    """The same rule as the gateway's X-Request-ID (contract/request_id.py), so one id is valid on both
+    transports. Nothing listens at the address: a call made would fail as unavailable."""
+    from tests.fixtures.gateway import free_port
+
+    with GRPCClient(f"127.0.0.1:{free_port()}", "cifar10", timeout=5) as client:
+        with pytest.raises(ClientError) as info:
+            client.predict(sample_images[:1], request_id="ticket 7")
+    assert info.value.code == "bad_request_id" and "'ticket 7'" in info.value.message
+
+
 def test_missing_file_is_reported_before_any_call(client, tmp_path):
     with pytest.raises(ClientError) as info:
         client.predict([tmp_path / "nope.png"])

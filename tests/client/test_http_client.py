@@ -98,6 +98,17 @@ def test_a_request_id_of_the_callers_follows_the_request(gateway):
     assert info.value.message.endswith("(request_id ticket-9.retry_2)")
 
 
+@pytest.mark.parametrize("bad", ["two words", "x" * 65, "line\nbreak", "caf\u00e9"])
+def test_a_request_id_the_gateway_would_replace_is_refused_before_sending(bad):
+    """The gateway replaces an invalid X-Request-ID with its own, so the caller's id would be in no log:
+    refused first, naming the rule. Nothing listens at the URL: a sent request would be a connection error."""
+    with HTTPClient(f"http://127.0.0.1:{free_port()}", timeout=5) as client:
+        with pytest.raises(ClientError) as info:
+            client.predict([("a.png", b"not sent")], request_id=bad)
+    assert info.value.code == "bad_request_id"
+    assert "1..64 characters of A-Z a-z 0-9 . _ -" in info.value.message
+
+
 def test_connection_refused_is_retried_then_reported():
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with (
