@@ -120,13 +120,15 @@ def load_version(
         if lite is None:
             log.warning("version %s runs on TensorFlow, not LiteRT: %s", version, conversion.reason)
         else:
+            waited = conversion.waited
             log.info(
-                "version %s runs on LiteRT (XNNPACK, %d threads; %s and checked in %.1f s, "
+                "version %s runs on LiteRT (XNNPACK, %d threads; %s and checked in %.1f s%s, "
                 "largest difference from the SavedModel %.2g)",
                 version,
                 lite.num_threads,
                 "read from the conversion cache" if conversion.cached else "converted",
                 conversion.seconds,
+                f", after waiting {waited:.1f} s for another worker's conversion" if waited >= 0.1 else "",
                 conversion.max_difference,
             )
     return LoadedModel(

@@ -107,6 +107,7 @@ class Conversion:
     max_difference: float = 0.0  # largest |difference| seen on the probes
     seconds: float = 0.0  # conversion (or cache read) and check, for the log
     cached: bool = False  # the flatbuffer came from the conversion cache
+    waited: float = 0.0  # seconds spent waiting for another worker converting the same version
 
 
 def convert(saved_model: Any, signature: Any) -> bytes:
@@ -177,21 +178,26 @@ def load_lite(
     threads = num_threads or default_threads()
     store = cache if cache is not None and cache.usable and key else None
     with store.locked(key) if store else contextlib.nullcontext():
+        locked = time.monotonic()  # after waiting for the lock: another worker may have been converting
         if store and (flatbuffer := store.read(key)) is not None:
             conversion = _checked(flatbuffer, signature, threads, cached=True)
             if conversion.lite is not None:
-                return dataclasses.replace(conversion, seconds=time.monotonic() - started)
+                return dataclasses.replace(
+                    conversion, seconds=time.monotonic() - locked, waited=locked - started
+                )
             log.warning("the cached LiteRT conversion %s… fails its check (%s); converting again",
                         key[:12], conversion.reason)  # fmt: skip
             store.discard(key)  # a damaged entry: converted again below
         try:
             flatbuffer = convert(saved_model, signature)
         except Exception as error:  # an op LiteRT lacks, a converter bug: TensorFlow serves it
-            return Conversion(None, f"LiteRT conversion failed ({_first_line(error)})")
+            return Conversion(
+                None, f"LiteRT conversion failed ({_first_line(error)})", waited=locked - started
+            )
         conversion = _checked(flatbuffer, signature, threads)
         if store and conversion.lite is not None:
             store.write(key, flatbuffer)
-    return dataclasses.replace(conversion, seconds=time.monotonic() - started)
+    return dataclasses.replace(conversion, seconds=time.monotonic() - locked, waited=locked - started)
 
 
 def _first_line(error: Exception) -> str:
