@@ -335,6 +335,30 @@ def test_keep_spares_the_version_pinned_in_the_serving_config(exported_model, tm
     assert "removed version 2" in proc.stderr
 
 
+def test_a_gated_publish_loads_the_runs_data_once(exported_model, tmp_path, monkeypatch):
+    """The gate and the calibration/OOD fit both read the run's splits; an image folder of thousands of
+    photos was decoded twice per publish. Loaded once, read-only while shared; loaded afresh after."""
+    import trainer.run_files as run_files
+
+    loads = []
+    real = run_files.load_dataset
+
+    def counted(*args, **kwargs):
+        loads.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_files, "load_dataset", counted)
+    publish(exported_model.run_dir, tmp_path / "models", "cifar10", min_accuracy=0.0)
+    assert len(loads) == 1
+    config = run_files.read_config(exported_model.run_dir)
+    with run_files.reusing_datasets():
+        shared = run_files.load_run_dataset(config)
+        assert run_files.load_run_dataset(config) is shared and len(loads) == 2
+        with pytest.raises(ValueError, match="read-only"):
+            shared.x_test[0] = 0
+    assert run_files.load_run_dataset(config) is not shared and len(loads) == 3
+
+
 def test_a_missing_serving_config_fails_before_exporting(exported_model, tmp_path, capsys):
     base = _base_with_version_1(exported_model, tmp_path)
     missing = tmp_path / "nope.config"

@@ -23,6 +23,7 @@ from typing import Any
 import keras
 
 import trainer.models  # noqa: F401 - registers the project's custom layers, so load_model reads them
+from trainer import run_files
 from trainer.export import labels as labels_module
 from trainer.export.gate import (
     NOT_GATED,
@@ -106,6 +107,7 @@ def float32_model(model: keras.Model) -> keras.Model:
     return rebuilt
 
 
+@run_files.reusing_datasets()  # the gate and the trust fit read the same splits: loaded once
 def publish(
     run_dir: str | Path,
     model_base: str | Path,
