@@ -58,7 +58,7 @@ lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 
 test: $(TEST_STAMP)
-	@bash scripts/ensure-debian-packages.sh chromium 'nginx!' hey
+	@bash scripts/ensure-debian-packages.sh chromium 'nginx!' hey redis-server
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 

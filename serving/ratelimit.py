@@ -12,7 +12,11 @@ proxy. Nothing else may set it, or any client could pick a fresh address per req
 Storage (GATEWAY_RATE_LIMIT_STORAGE): `memory://` (the default) keeps the counters in each gunicorn
 worker, so with N workers a client can get up to N times the limit from one pod (each worker counts
 only what it served), and M replicas multiply that again. A shared store such as
-`redis://HOST:6379` (needs the `redis` package) makes the limit exact across workers and replicas.
+`redis://HOST:6379` (the `redis` extra) makes the limit exact across workers and replicas. A shared
+store must not become the gateway's single point of failure: each call to it times out after
+STORE_TIMEOUT_S, and while it does not answer every worker limits on its own, in memory (Flask-
+Limiter's in-memory fallback, logged as "Rate limit storage unreachable"), trying the store again
+after 1, 2, 4 ... 32 s; requests are never failed because the store is down.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ EXTENSION_KEY = "gateway.limiter"
 # moving-window: at most N requests in any window of the period, so a client cannot send 2N across a
 # fixed window's boundary, and Retry-After is the time until its oldest counted request expires.
 STRATEGY = "moving-window"
+# Connect and read timeout of each call to a Redis store: a check costs ~1 ms on a healthy store, and
+# a store that stopped answering must not hold requests for the TCP timeout (minutes) before the
+# in-memory fallback takes over.
+STORE_TIMEOUT_S = 0.5
 
 
 def client_address(remote_addr: str | None, forwarded_for: str, trusted: Sequence[IPNetwork]) -> str:
@@ -73,12 +81,17 @@ def install(app: Flask, settings: Settings, *, applies: Callable[[], bool]) -> L
             request.remote_addr, request.headers.get("X-Forwarded-For", ""), trusted
         )
 
+    storage = settings.rate_limit_storage
+    timeouts = {"socket_timeout": STORE_TIMEOUT_S, "socket_connect_timeout": STORE_TIMEOUT_S}
     try:
         limiter = Limiter(
             limit_key,
             app=app,
             application_limits=[settings.rate_limit],
-            storage_uri=settings.rate_limit_storage,
+            storage_uri=storage,
+            storage_options=timeouts if storage.startswith(("redis://", "rediss://")) else {},
+            # A shared store that fails: per-worker limits in memory until it answers again.
+            in_memory_fallback_enabled=not storage.startswith("memory://"),
             strategy=STRATEGY,
             # Retry-After is written by _too_many below; Flask-Limiter's own rounds down to 0 s.
             headers_enabled=False,
@@ -86,7 +99,8 @@ def install(app: Flask, settings: Settings, *, applies: Callable[[], bool]) -> L
         )
     except ConfigurationError as error:
         raise ConfigError(
-            f"GATEWAY_RATE_LIMIT_STORAGE={settings.rate_limit_storage!r} cannot be used: {error}"
+            f"GATEWAY_RATE_LIMIT_STORAGE={storage!r} cannot be used: {error} (for redis://, install "
+            "the gateway with its `redis` extra: pip install '.[redis]')"
         ) from None
     limiter.request_filter(lambda: not applies())
     app.extensions[EXTENSION_KEY] = limiter
