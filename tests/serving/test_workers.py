@@ -266,11 +266,9 @@ def test_a_request_on_an_expired_keep_alive_connection_is_served_after_a_stall(t
     assert second.startswith(b"HTTP/1.1 200 OK") and b'"/second"' in second, second[:300]
 
 
-@pytest.mark.slow
-def test_a_stopping_worker_answers_connections_it_accepted(tmp_path: Path) -> None:
-    """SIGTERM (a rollout) arrives after the worker accepted connections whose requests are not
-    whole yet: each request that arrives within the linger is answered, with "Connection: close";
-    an idle connection is closed; the worker exits long before its graceful timeout."""
+def _stop_with_requests_in_flight(tmp_path: Path) -> tuple[list[bytes], float, float, int | None]:
+    """One run of the scenario below: (replies, seconds from SIGTERM to the last byte sent, seconds
+    to the gateway's exit, its exit status)."""
     log_dir = tmp_path / "log"
     with running_gateway(
         {}, workers=1, threads=2, app="tests.fixtures.echo_wsgi:app", probe_path="/", log_dir=log_dir
@@ -292,11 +290,15 @@ def test_a_stopping_worker_answers_connections_it_accepted(tmp_path: Path) -> No
             nothing_yet.sendall(b"GET /n HTTP/1.1\r\nHost: t\r\n\r\n")
             half_head.sendall(b"Content-Length: 3\r\n\r\nabc")
             half_body.sendall(b"llo")
+            sent_after = time.monotonic() - stop
             replies = []
             for sock in (nothing_yet, half_head, half_body):
                 reply = b""
-                while chunk := sock.recv(65536):
-                    reply += chunk
+                try:
+                    while chunk := sock.recv(65536):
+                        reply += chunk
+                except ConnectionResetError:
+                    reply += b"<reset>"
                 replies.append(reply)
             assert idle.recv(100) == b""  # closed, not answered
             gateway.process.wait(timeout=30)
@@ -304,8 +306,28 @@ def test_a_stopping_worker_answers_connections_it_accepted(tmp_path: Path) -> No
         finally:
             for sock in (nothing_yet, half_head, half_body, idle):
                 sock.close()
+    return replies, sent_after, stopped_after, gateway.process.returncode
+
+
+@pytest.mark.slow
+def test_a_stopping_worker_answers_connections_it_accepted(tmp_path: Path) -> None:
+    """SIGTERM (a rollout) arrives after the worker accepted connections whose requests are not
+    whole yet: each request that arrives within the linger is answered, with "Connection: close";
+    an idle connection is closed; the worker exits long before its graceful timeout.
+
+    The requests are sent 0.3 s after the signal, well inside the 2 s linger. A run in which a busy
+    machine delayed this test's own sends past 1 s proves nothing either way and is repeated (at
+    most 3 runs); a reset or a missing answer to requests sent in time fails, naming when they went.
+    (One reset was seen under make test's two processes, its send time unknown.)"""
+    for attempt in range(3):
+        run = _stop_with_requests_in_flight(tmp_path / str(attempt))
+        replies, sent_after, stopped_after, returncode = run
+        if sent_after < 1.0:
+            break
+    else:
+        pytest.fail(f"the requests went out {sent_after:.1f} s after SIGTERM in 3 runs: machine too busy")
     for reply, path in zip(replies, (b'"/n"', b'"/h"', b'"/x"'), strict=True):
-        assert reply.startswith(b"HTTP/1.1 200 OK"), reply[:200]
+        assert reply.startswith(b"HTTP/1.1 200 OK"), (sent_after, reply[:200])
         assert path in reply and b"connection: close" in reply.lower()
-    assert gateway.process.returncode == 0
+    assert returncode == 0
     assert stopped_after < 10
