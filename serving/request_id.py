@@ -20,7 +20,7 @@ __all__ = ["HEADER", "current", "install"]
 
 
 def _choose(incoming: str | None) -> str:
-    if incoming is not None and is_valid(incoming):
+    if is_valid(incoming):
         return incoming
     return uuid.uuid4().hex
 
