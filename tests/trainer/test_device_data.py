@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from tests.fixtures.training import tiny_config
-from tests.jax_subprocess import run_under_jax
+from tests.jax_subprocess import FAST_XLA, run_under_jax
 from tests.trainer.preemption import KillAfterEpoch, Killed
 from trainer import accelerator
 from trainer.accelerator import bfloat16_supported
@@ -175,8 +175,8 @@ def test_device_path_under_jax_one_and_two_devices(tmp_path: Path) -> None:
         augment={"translate": 2, "flip": True, "cutout": 4},
         train={"epochs": 2, "batch_size": 40, "jit_compile": "on"},
     )
-    run_under_jax(JAX_SCRIPT, json.dumps(config.to_dict()), str(tmp_path),
-                  extra_env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})  # fmt: skip
+    two_devices = {"XLA_FLAGS": f"{FAST_XLA} --xla_force_host_platform_device_count=2"}
+    run_under_jax(JAX_SCRIPT, json.dumps(config.to_dict()), str(tmp_path), extra_env=two_devices)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["kinds"] == ["ArrayImpl", "uint8", "int32", False]  # device arrays, never NumPy
     runs = result["runs"]

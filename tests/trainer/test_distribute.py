@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from tests.fixtures.training import tiny_config
-from tests.jax_subprocess import HIDE_TENSORFLOW, PROJECT_ROOT, run_under_jax
+from tests.jax_subprocess import FAST_XLA, HIDE_TENSORFLOW, PROJECT_ROOT, run_under_jax
 from trainer import distribute
 from trainer.distribute import Cluster, DistributionError, cluster_from_env
 
@@ -151,13 +151,6 @@ for setting in ("off", "auto"):
 json.dump(out, open(f"{work}/out.json", "w"))
 """
 
-
-# XLA's CPU compiler at its lowest optimisation level, in every process of this file: JAX compiles
-# each eager op of model building and each train/eval step afresh per process, and unoptimised that
-# takes ~13 s of CPU for a run instead of ~45 s. Every run here uses the same flags, so they stay
-# comparable; what is tested (how the batch, gradients and BN statistics are shared) does not
-# depend on how the kernels are optimised.
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 @pytest.fixture(scope="module")
