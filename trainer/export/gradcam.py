@@ -178,10 +178,16 @@ def add_explain_endpoints(
         return False
     cam = GradCAM(model, tta, trust)
 
-    def outputs(images: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
+    def cam_outputs(images: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
         out = cam(images, class_index)
         out[CLASSES_KEY] = tf.tile(class_names[tf.newaxis, :], [tf.shape(images)[0], 1])
         return out
+
+    # One tf.function for both signatures (as savedmodel.shared_decoder): traced once per trace
+    # context instead of once per signature.
+    pixels = tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, CHANNELS], tf.float32)
+    classes = tf.TensorSpec([None], tf.int32)
+    outputs = tf.function(cam_outputs, input_signature=[pixels, classes], autograph=False)
 
     def explain(images: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
         return outputs(images, class_index)

@@ -191,12 +191,17 @@ def _add_predict_endpoints(
     """Register `serving_default` (pixels) and `serving_bytes` (encoded images, to pixels by
     `decode`) on `archive`."""
 
-    def outputs(images: tf.Tensor) -> dict[str, tf.Tensor]:
+    def head_outputs(images: tf.Tensor) -> dict[str, tf.Tensor]:
         out = head(images)  # calibrated probabilities, ood_score, abstain (averaged as --tta asks)
         # Class names repeated per row: TensorFlow's classification convention, so any client can
         # label the scores without a side file.
         out[CLASSES_KEY] = tf.tile(class_names[tf.newaxis, :], [tf.shape(images)[0], 1])
         return out
+
+    # One tf.function for both signatures, like the decoder (shared_decoder): traced once per trace
+    # context instead of once per signature.
+    pixels = tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, CHANNELS], tf.float32)
+    outputs = tf.function(head_outputs, input_signature=[pixels], autograph=False)
 
     def serving_default(images: tf.Tensor) -> dict[str, tf.Tensor]:
         return outputs(images)
