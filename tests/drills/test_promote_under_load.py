@@ -30,7 +30,9 @@ from tests.fixtures.exported import ExportedModel
 pytestmark = [pytest.mark.drill, pytest.mark.slow]
 
 SWITCH_TIMEOUT_S = 60.0
-LOCUST_SECONDS = 60  # long enough for every label change below to happen under the Locust load
+# Long enough for every label change below to happen under the Locust load (checked): they took 11 s
+# beside a full test run on 2 cores.
+LOCUST_SECONDS = 35
 
 
 def write_labels(model_dir: Path, **labels: object) -> None:
@@ -88,6 +90,7 @@ def test_promote_and_rollback_under_load_lose_no_request(
         try:
             with Traffic(url, threads=3, fresh=True) as traffic:
                 traffic.wait_for(20)
+                steps_began = time.monotonic()
                 for labels, expected in steps:
                     write_labels(model_dir, **labels)
                     wait_until(
@@ -101,6 +104,11 @@ def test_promote_and_rollback_under_load_lose_no_request(
                         time.sleep(2.0)
                         # The canary runs on copies; users still get stable's answers only.
                         assert {a.version for a in traffic.since(mirrored_from)} == {1}
+                steps_took = time.monotonic() - steps_began
+                assert locust.poll() is None, (
+                    f"the label changes took {steps_took:.0f} s, past the Locust run's {LOCUST_SECONDS} s: "
+                    "the last ones were not under its load; raise LOCUST_SECONDS"
+                )
             metrics = metrics_text(url)
             output, _ = locust.communicate(timeout=LOCUST_SECONDS + 120)
         finally:
@@ -118,7 +126,8 @@ def test_promote_and_rollback_under_load_lose_no_request(
     ):
         assert line in metrics, f"{line} missing from /metrics"
     summary = output.strip().splitlines()[-1]
-    print(f"promote drill: {len(answers)} drill requests, none failed; Locust: {summary}")
+    print(f"promote drill: label changes in {steps_took:.1f} s, {len(answers)} drill requests, none failed; "
+          f"Locust: {summary}")
 
 
 def test_tfserving_labels_switch_under_load_lose_no_request(tmp_path: Path) -> None:
