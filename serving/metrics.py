@@ -92,6 +92,13 @@ RATE_LIMITED = Counter(
     "Requests refused with 429, by API key name ('-': limited per client address)",
     ["key_name"],
 )
+# 1 while a worker limits in memory because the shared store (GATEWAY_RATE_LIMIT_STORAGE) does not
+# answer: limits are then per worker, not shared. Set on each rate-limited request; "max" over workers.
+RATE_LIMIT_STORE_FALLBACK = Gauge(
+    "gateway_rate_limit_store_fallback",
+    "1 while the rate limits fall back to per-worker memory because their shared store is unreachable",
+    multiprocess_mode="livemax",
+)
 API_KEY_RELOADS = Counter(
     "gateway_api_key_reloads_total", "Reloads of the API keys file, by result (ok, error)", ["result"]
 )

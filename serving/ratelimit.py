@@ -16,7 +16,8 @@ only what it served), and M replicas multiply that again. A shared store such as
 store must not become the gateway's single point of failure: each call to it times out after
 STORE_TIMEOUT_S, and while it does not answer every worker limits on its own, in memory (Flask-
 Limiter's in-memory fallback, logged as "Rate limit storage unreachable"), trying the store again
-after 1, 2, 4 ... 32 s; requests are never failed because the store is down.
+after 1, 2, 4 ... 32 s; requests are never failed because the store is down. The gauge
+gateway_rate_limit_store_fallback is 1 meanwhile (alert on it: limits are then per worker).
 """
 
 from __future__ import annotations
@@ -104,6 +105,14 @@ def install(app: Flask, settings: Settings, *, applies: Callable[[], bool]) -> L
         ) from None
     limiter.request_filter(lambda: not applies())
     app.extensions[EXTENSION_KEY] = limiter
+    if not storage.startswith("memory://"):
+
+        @app.after_request
+        def _store_state(response: Response) -> Response:
+            # Limiter.limiter is the in-memory fallback's while the store is considered down.
+            in_memory = limiter.limiter.storage is not limiter.storage
+            metrics.RATE_LIMIT_STORE_FALLBACK.set(1 if in_memory else 0)
+            return response
 
     def _too_many(error: RateLimitExceeded) -> Response:
         current = limiter.current_limit

@@ -80,6 +80,13 @@ def statuses(app, count: int) -> list[int]:
     return [get(client).status_code for _ in range(count)]
 
 
+def fallback_gauge(app) -> float:
+    """gateway_rate_limit_store_fallback as the app's /metrics shows it."""
+    text = app.test_client().get("/metrics").get_data(as_text=True)
+    (line,) = [line for line in text.splitlines() if line.startswith("gateway_rate_limit_store_fallback ")]
+    return float(line.split()[1])
+
+
 def test_workers_sharing_a_redis_store_share_one_limit(gateway_app, redis_server):
     first, second = (
         limited_app(gateway_app, "3/minute", rate_limit_storage=redis_server.url) for _ in range(2)
@@ -88,6 +95,7 @@ def test_workers_sharing_a_redis_store_share_one_limit(gateway_app, redis_server
     assert statuses(second, 2) == [200, 429]  # with memory:// this worker would allow 3 of its own
     assert statuses(first, 1) == [429]
     assert redis_server.keys(), "the counters are in Redis"
+    assert fallback_gauge(first) == 0.0
 
 
 def test_a_redis_outage_falls_back_to_per_worker_limits_and_recovers(gateway_app, redis_server, caplog):
@@ -100,6 +108,7 @@ def test_a_redis_outage_falls_back_to_per_worker_limits_and_recovers(gateway_app
     assert statuses(app, 4) == [200, 200, 200, 429]
     assert time.monotonic() - started < 5, "each call to the dead store must time out quickly"
     assert "Rate limit storage unreachable" in caplog.text
+    assert fallback_gauge(app) == 1.0  # operators can alert on it: limits are per worker now
     redis_server.start()  # empty: the counts from before the outage are gone
     deadline = time.monotonic() + 40  # the store is tried again after 1, 2, 4 ... s
     while not redis_server.keys():
@@ -107,6 +116,7 @@ def test_a_redis_outage_falls_back_to_per_worker_limits_and_recovers(gateway_app
         statuses(app, 1)
         time.sleep(0.5)
     assert "Rate limit storage recovered" in caplog.text
+    assert fallback_gauge(app) == 0.0
 
 
 def test_a_store_that_accepts_but_never_answers_costs_a_request_at_most_a_timeout(gateway_app):
