@@ -67,6 +67,13 @@ def child_exit(server, worker) -> None:  # a gunicorn server hook
 
 
 def post_fork(server, worker) -> None:  # a gunicorn server hook
+    # Python's cyclic garbage collector off while the worker builds the app (post_worker_init turns
+    # it back on): importing TensorFlow and loading the model create millions of objects, and every
+    # full collection on the way traverses all of them, ~9 collections and ~1 s of a worker's start
+    # on 2 cores. What those steps leave in cycles is collected once the collector runs again.
+    import gc
+
+    gc.disable()
     # Route the gateway's own logs (model loaded, version swapped, unexpected errors) through
     # gunicorn's error log, so --log-level and --error-logfile apply to them too. post_fork runs
     # before the worker builds the app, so the first model load is logged as well.
@@ -76,3 +83,9 @@ def post_fork(server, worker) -> None:  # a gunicorn server hook
     gateway_log.handlers = list(worker.log.error_log.handlers)
     gateway_log.setLevel(worker.log.error_log.level)
     gateway_log.propagate = False
+
+
+def post_worker_init(worker) -> None:  # a gunicorn server hook: the app is built
+    import gc
+
+    gc.enable()

@@ -132,6 +132,15 @@ def _raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
 
 
 @pytest.mark.slow
+def test_the_garbage_collector_is_off_while_a_worker_builds_its_app_and_on_once_it_serves(
+    echo_server: GatewayProcess,
+) -> None:
+    """serving/gunicorn.conf.py: off between post_fork and post_worker_init (full collections over
+    TensorFlow's objects cost ~1 s of a worker's start), and never left off: cycles would leak."""
+    answer = requests.get(f"{echo_server.url}/", timeout=10).json()
+    assert answer["gc_enabled"] == {"while_built": False, "serving": True}
+
+
 def test_ordinary_http_still_works(echo_server: GatewayProcess) -> None:
     url = echo_server.url
     with requests.Session() as session:  # one kept-alive connection
