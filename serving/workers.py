@@ -352,9 +352,17 @@ class BufferedThreadWorker(ThreadWorker):
                 if not reading.framer.head_done:
                     reading.deadline = min(reading.deadline, linger_until)
         for conn, reading in list(self._reading.items()):
-            if reading.deadline <= now:
-                got_bytes = bool(reading.framer.buf)
-                self._drop(conn, _timeout_response() if got_bytes else None)
+            if reading.deadline > now:
+                continue
+            if _has_pending_bytes(conn.sock):
+                # Bytes the last poll did not see: another thread held the GIL past the deadline (a
+                # version loading in native code) while they waited in the socket. Read them first;
+                # the request is late only if they do not finish its head (or it is still paused).
+                self._on_readable(conn, conn.sock)
+                if self._reading.get(conn) is not reading or reading.deadline > now:
+                    continue
+            got_bytes = bool(reading.framer.buf)
+            self._drop(conn, _timeout_response() if got_bytes else None)
 
     def murder_keepalived(self, force: bool = False) -> None:
         """gthread's, except that an expired kept-alive connection on which the client has already
