@@ -93,7 +93,7 @@ RATE_LIMITED = Counter(
     ["key_name"],
 )
 # 1 while a worker limits in memory because the shared store (GATEWAY_RATE_LIMIT_STORAGE) does not
-# answer: limits are then per worker, not shared. Set on each rate-limited request; "max" over workers.
+# answer: limits are then per worker, not shared. Set after each request; "max" over workers.
 RATE_LIMIT_STORE_FALLBACK = Gauge(
     "gateway_rate_limit_store_fallback",
     "1 while the rate limits fall back to per-worker memory because their shared store is unreachable",
