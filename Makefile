@@ -73,7 +73,8 @@ bench-train: $(BENCH_STAMP)
 bench-small-data: $(BENCH_STAMP)
 	$(PY) -m benchmarks.small_data --out benchmarks/results/small_data.json
 
-# The model the default profile trains, bare and behind the gateway, the naive app, TF Serving's double
+# The model the default profile trains, bare and behind the gateway, the naive app, LitServe, the TF
+# Serving double and the lean Flask app
 # (about 5 minutes); then whether batch-norm folding or freezing speeds the served graph.
 bench-serve: $(BENCH_STAMP)
 	@bash scripts/ensure-debian-packages.sh 'hey!'

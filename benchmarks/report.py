@@ -247,7 +247,9 @@ def serving_section(data: dict[str, Any]) -> list[str]:
         f"{s.get('gateway_runtime', 'tensorflow')}); the naive app",
         "(a Flask route calling Keras `model.predict` per upload, the same model file) under the same",
         f"gunicorn settings; LitServe (benchmarks/litserve_app.py, {s.get('litserve') or 'not run'}) batches",
-        "the same SavedModel with its own dynamic batching after the same decode and resize.",
+        "the same SavedModel with its own dynamic batching after the same decode and resize; the lean app",
+        "(benchmarks/lean_flask.py) is a Flask route doing only that decode and one call of the gateway's",
+        "LiteRT conversion per upload, under the same gunicorn settings.",
         f"Load: {s['client']}: each client sends its next request when the answer to",
         f"its last arrives, for {s['duration_s']:g} s per level after {s['warmup_s']:g} s not counted.",
         "Errors are answers other than 200 (hey's CSV lists only requests that got an answer).",
@@ -339,6 +341,15 @@ def _cpu_budget_lines(budget: dict[str, Any] | None, bare: dict[str, Any]) -> li
             f"- the naive app spends {budget['naive_ms']:.2f} ms per request (hey's included); both saturate "
             f"the cores, so {budget['naive_ratio']:g}x its req/s leaves the gateway "
             f"{budget['allowed_for_naive_ratio_ms']:.2f} ms per request"
+        )
+    if budget.get("lean_ms") is not None:
+        lines.append(
+            f"- the lean app (a Flask route that only decodes the upload and calls the same LiteRT model, "
+            f"benchmarks/lean_flask.py) spends {budget['lean_ms']:.2f} ms per request and reaches "
+            f"{budget['lean_fraction_of_bare']:.0%} of bare, {_opt(budget['lean_vs_naive'], '.1f')}x the "
+            "naive app: the floor of a Flask app under gunicorn on these cores; the gateway, with its "
+            f"batching, limits, metrics and trust fields, answers {_opt(budget['gateway_vs_lean'], '.2f')}x "
+            "its req/s"
         )
     return [*lines, ""]
 

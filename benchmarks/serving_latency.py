@@ -22,6 +22,11 @@ One run, one machine, in this order:
    to lead.
 6. The gateway with its TF Serving backend pointed at the test double (tests/tfserving_double, its
    own process, the same SavedModel) at 1 and 16 clients.
+7. The lean app (benchmarks/lean_flask.py: a Flask route that only decodes the upload and runs the
+   same LiteRT conversion on it, single-threaded) under the same gunicorn settings at 1 and 16
+   clients: the floor of any Flask-under-gunicorn server of this model on this machine, which says
+   what the gateway's batching, limits, metrics and trust fields cost, and whether a target is within
+   reach of an app built this way.
 
 Latencies and status codes are hey's per-request CSV (-o csv); requests started in the first
 --warmup seconds of each level are not counted. The targets of issue 14 are computed from the figures.
@@ -82,9 +87,11 @@ GATEWAY_BATCH_CLIENTS = (1, 2, 4)  # 64 images per request
 NAIVE_CLIENTS = (1, 16, 64)
 LITSERVE_CLIENTS = (1, 16, 64)
 TFSERVING_CLIENTS = (1, 16)
+LEAN_CLIENTS = (1, 16)
 BATCH_IMAGES = 64
 
 GATEWAY, NAIVE, TFSERVING, LITSERVE = "gateway", "naive", "gateway + TF Serving double", "LitServe"
+LEAN = "lean Flask + LiteRT"
 
 # Issue 14's targets, checked in check_targets().
 TARGET_NAIVE_RATIO = 15.0  # 16 clients: gateway req/s over the naive app's
@@ -448,6 +455,18 @@ def measure_naive_app(results: dict, run_dir: Path, body: Path, args: argparse.N
         measure_levels(results, NAIVE, naive.url + "/predict", body, 1, NAIVE_CLIENTS, load, server)
 
 
+def measure_lean_app(
+    results: dict, model_path: Path, body: Path, args: argparse.Namespace, load: Load
+) -> None:
+    env = {"LEAN_MODEL_DIR": str(model_path), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # No health route either: its POST-only /predict answers a GET 405 once the app is built.
+    app = "benchmarks.lean_flask:create_app()"
+    with running_gateway(env, workers=args.workers, app=app, probe_path="/predict", probe_statuses=(405,),
+                         startup_timeout=180) as lean:  # fmt: skip
+        server = Server([lean.master])
+        measure_levels(results, LEAN, lean.url + "/predict", body, 1, LEAN_CLIENTS, load, server)
+
+
 def measure_litserve(results: dict, model_path: Path, body: Path, work: Path, load: Load) -> None:
     """LitServe on the published version (benchmarks/litserve_app.py), its own processes."""
     import socket
@@ -596,6 +615,22 @@ def cpu_budget(results: dict) -> dict[str, Any] | None:
         "naive_ratio": TARGET_NAIVE_RATIO,
         "naive_ms": naive,  # the naive app's processes and hey, CPU ms per request at 16 clients
         "allowed_for_naive_ratio_ms": naive / TARGET_NAIVE_RATIO - client if naive is not None else None,
+        **_lean_figures(results, g16),
+    }
+
+
+def _lean_figures(results: dict, g16: dict) -> dict[str, Any]:
+    """The lean app at 16 clients beside the gateway: its CPU per request, its fractions of the
+    targets, and the gateway's req/s over its. Empty when it was not run."""
+    l16 = _row(results, LEAN, 1, 16)
+    if not l16 or l16.get("server_cpu_ms_per_request") is None:
+        return {}
+    return {
+        "lean_ms": l16["server_cpu_ms_per_request"],  # the lean app's processes, CPU ms per request
+        "lean_rps": l16["rps"],
+        "lean_fraction_of_bare": l16["fraction_of_bare"],
+        "lean_vs_naive": l16["vs_naive"],
+        "gateway_vs_lean": g16["rps"] / l16["rps"] if l16["rps"] > 0 else None,
     }
 
 
@@ -716,6 +751,10 @@ def print_summary(results: dict) -> None:
               f"{budget['gateway_beside_model_ms']:.2f}), hey {budget['client_ms']:.2f}; the 70% target "
               f"allows {budget['allowed_ms']:.2f} in all, {budget['allowed_beside_model_ms']:.2f} beside the "
               "model")  # fmt: skip
+        if budget.get("lean_ms") is not None:
+            print(f"lean app at 16 clients: {budget['lean_rps']:.1f} req/s, {budget['lean_ms']:.2f} ms CPU "
+                  f"per request, {budget['lean_fraction_of_bare']:.0%} of bare; gateway "
+                  f"{budget['gateway_vs_lean']:.2f}x its req/s")  # fmt: skip
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -750,8 +789,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--skip",
         nargs="*",
         default=[],
-        choices=["naive", "litserve", "tfserving", "startup"],
-        help="leave out the naive app, LitServe, the TF Serving double run or the start-up timing",
+        choices=["naive", "litserve", "tfserving", "startup", "lean"],
+        help="leave out the naive app, LitServe, the TF Serving double run, the start-up timing or the "
+        "lean app",
     )
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -812,6 +852,8 @@ def main(argv: list[str] | None = None) -> int:
             measure_litserve(results, model_path, bodies[1], work, load)
         if "tfserving" not in args.skip:
             measure_tfserving(results, work / "models", bodies[1], work, args, load)
+        if "lean" not in args.skip:
+            measure_lean_app(results, model_path, bodies[1], args, load)
     results["machine"]["load_average_1m_end"] = load_average()
     results["wall_s"] = round(time.monotonic() - started, 1)
     add_ratios(results)

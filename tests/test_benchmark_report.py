@@ -117,11 +117,13 @@ def serving_json() -> dict[str, Any]:
         "bare_model": rows[0],
         "runs": [run(bench.GATEWAY, 1, 1, 150.0), run(bench.GATEWAY, 1, 16, 300.0, p99=80.0),
                  run(bench.GATEWAY, 64, 2, 5.5), run(bench.NAIVE, 1, 1, 10.0), run(bench.NAIVE, 1, 16, 15.0),
-                 run(bench.LITSERVE, 1, 16, 250.0), run(bench.TFSERVING, 1, 16, 100.0, errors=2)],
+                 run(bench.LITSERVE, 1, 16, 250.0), run(bench.TFSERVING, 1, 16, 100.0, errors=2),
+                 run(bench.LEAN, 1, 16, 320.0)],
     }  # fmt: skip
     # CPU of the 16-client gateway level: 7 ms per request in its processes, 0.5 in hey, batches of 5.
     results["runs"][1].update(server_cpu_ms_per_request=7.0, client_cpu_ms_per_request=0.5, mean_batch=5.0)
     results["runs"][4].update(server_cpu_ms_per_request=120.0, client_cpu_ms_per_request=0.5)  # naive, 16
+    results["runs"][7].update(server_cpu_ms_per_request=6.5, client_cpu_ms_per_request=0.5)  # lean, 16
     bench.add_ratios(results)
     results["targets"] = bench.check_targets(results)
     results["cpu_budget"] = bench.cpu_budget(results)
@@ -288,6 +290,21 @@ def test_serving_cpu_per_request_and_the_budget_of_the_70_percent_target(full_re
     # The naive app: 120 + 0.5 ms per request; 15x its req/s leaves 120.5 / 15 - 0.5 = 7.53 ms.
     assert "- the naive app spends 120.50 ms per request" in body
     assert "so 15x its req/s leaves the gateway 7.53 ms per request" in body
+    # The lean app at 16 clients: 320 req/s of 400 images/s is 80% of bare, 320 / 15 = 21.3x the naive
+    # app; the gateway's 300 req/s are 0.94x its.
+    assert "benchmarks/lean_flask.py) spends 6.50 ms per request and reaches 80% of bare, 21.3x the" in body
+    assert "answers 0.94x its req/s" in body
+
+
+def test_the_lean_app_line_is_left_out_when_it_was_not_run(tmp_path: Path) -> None:
+    from benchmarks import serving_latency as bench
+
+    data = serving_json()
+    data["runs"] = [r for r in data["runs"] if r["app"] != bench.LEAN]  # --skip lean
+    data["cpu_budget"] = bench.cpu_budget(data)
+    write(tmp_path, "serving_latency.json", data)
+    body = section(report.render(tmp_path, now=NOW), "## Serving latency")
+    assert "the naive app spends 120.50 ms per request" in body and "lean_flask" not in body.split("| app |")[1]
 
 
 def test_start_up_with_the_conversion_cache_off_cold_and_warm(full_results: Path, tmp_path: Path) -> None:

@@ -1,0 +1,52 @@
+"""The leanest Flask app on the gateway's runtime: the floor of a Flask-under-gunicorn design on this
+machine, measured beside the gateway in benchmarks/serving_latency.py.
+
+One route that decodes the upload (Pillow, RGB, bilinear resize to 32x32, as the gateway and LitServe
+do) and runs the published version's LiteRT conversion (made and checked as the gateway makes it,
+serving/backends/litert.py) on that one image, single-threaded: with 2 workers on 2 cores every
+core already runs a call. Nothing else: no batching, request limits, deadlines, metrics, auth,
+request ids, hot reload, or trust fields. Whatever the gateway does on top of this costs CPU per
+request; this app says how much is left to save, and whether a target is within reach of any app
+built this way.
+
+  LEAN_MODEL_DIR=models/cifar10/1 gunicorn -c serving/gunicorn.conf.py 'benchmarks.lean_flask:create_app()'
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from flask import Flask, jsonify, request
+from PIL import Image
+
+from contract.signatures import INPUT_SIZE, PROBABILITIES_KEY, SERVING_DEFAULT
+
+
+def create_app() -> Flask:
+    import tensorflow as tf
+
+    from serving.backends.litert import load_lite
+
+    model_dir = Path(os.environ["LEAN_MODEL_DIR"])
+    saved_model = tf.saved_model.load(str(model_dir))
+    conversion = load_lite(saved_model, saved_model.signatures[SERVING_DEFAULT])
+    if conversion.lite is None:
+        raise RuntimeError(f"no LiteRT conversion of {model_dir}: {conversion.reason}")
+    lite = conversion.lite
+    class_names = json.loads((model_dir / "assets.extra" / "model_card.json").read_text())["class_names"]
+    app = Flask(__name__)
+
+    @app.post("/predict")
+    def predict():
+        upload = next(iter(request.files.values()))
+        image = Image.open(io.BytesIO(upload.read())).convert("RGB")
+        image = image.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR)
+        batch = np.asarray(image, dtype=np.float32)[np.newaxis]
+        probabilities = lite(batch, parallel=False)[PROBABILITIES_KEY][0]
+        return jsonify({name: float(p) for name, p in zip(class_names, probabilities, strict=True)})
+
+    return app
