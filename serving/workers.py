@@ -24,6 +24,9 @@ TensorFlow and gRPC, which they do not support; the tornado and sync workers run
 process at a time, and sync workers are as easy to hold with slow headers. gthread keeps
 TensorFlow's model calls on real threads (TF releases the GIL); only the reading moves.
 
+It also spreads new connections over the workers (serving/accept_balance.py): left to the race for
+the shared socket, one worker could take every keep-alive connection and serve them alone.
+
 The shipped stacks (compose.yaml, k8s/) also put nginx in front (deploy/nginx/), which buffers the
 same way and adds per-address connection limits; this worker keeps `make serve` safe on its own.
 Not supported here (refused at start): TLS and HTTP/2 in gunicorn; terminate TLS in the proxy.
@@ -45,6 +48,7 @@ from gunicorn import http
 from gunicorn.http.unreader import IterUnreader
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
+from serving.accept_balance import PAUSE_S, ConnectionTable
 from serving.config import Settings
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
@@ -221,9 +225,15 @@ def _has_pending_bytes(sock: socket.socket) -> bool:
 class BufferedThreadWorker(ThreadWorker):
     """gthread that hands its threads whole requests only (see the module docstring)."""
 
+    # Open connections per worker (serving/accept_balance.py): made in the master by check_config,
+    # before the workers are forked, so that they all share it.
+    connection_table: ConnectionTable | None = None
+
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
         super().check_config(cfg, log)
+        if cls.connection_table is None:  # kept across a reload (HUP): old workers still write to it
+            cls.connection_table = ConnectionTable()
         plain_http1 = (
             not cfg.is_ssl
             and list(cfg.http_protocols) == ["h1"]
@@ -252,7 +262,44 @@ class BufferedThreadWorker(ThreadWorker):
         self._leftover: dict[TConn, bytes] = {}  # pipelined bytes read past a request
         self._continue_sent: set[TConn] = set()
         self._stop_capped = False  # head deadlines capped once the worker began to stop
+        self._table = type(self).connection_table
+        self._slot = self._table.slot_for(self.age) if self._table is not None else 0
+        self._accept_paused_until = 0.0  # accepting is off until then (left to a sibling)
+        self._accept_anyway_until = 0.0  # just after a pause: accept the next connection whatever the counts
         super().init_process()
+
+    # --- spreading connections over the workers (serving/accept_balance.py) ------------------
+
+    def accept(self, listener: socket.socket) -> None:
+        if self._table is not None:
+            now = time.monotonic()
+            if now < self._accept_anyway_until:
+                self._accept_anyway_until = 0.0  # one connection, then the counts decide again
+            elif self._table.should_yield(self._slot, self.nr_conns, now):
+                self._accept_paused_until = now + PAUSE_S
+                super().set_accept_enabled(False)
+                return
+        super().accept(listener)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        # gthread's loop turns accepting back on on its next turn whenever it has room: not during a pause.
+        if enabled and self._accept_paused_until:
+            now = time.monotonic()
+            if now < self._accept_paused_until:
+                return
+            self._accept_paused_until = 0.0
+            self._accept_anyway_until = now + PAUSE_S
+        super().set_accept_enabled(enabled)
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        if self._accept_paused_until:
+            timeout = min(timeout, max(0.0, self._accept_paused_until - time.monotonic()))
+        super().wait_for_and_dispatch_events(timeout)
+        if self._table is not None:
+            if self.alive:
+                self._table.publish(self._slot, self.pid, self.nr_conns, time.monotonic())
+            else:  # stopping: siblings must not leave connections to a worker that no longer accepts
+                self._table.clear(self._slot)
 
     # --- reading in the event loop -----------------------------------------------------------
 
