@@ -17,7 +17,8 @@ from loadtest.gateway_process import running_gateway, wait_until
 from serving.accept_balance import SLACK, STALE_S, ConnectionTable
 
 # 48 keep-alive connections opened back to back, 8 times. Unbalanced, the worker awake first took up
-# to 36 of 48 and the splits of 6 tries differed by 38 to 66 connections in all (3 runs); balanced, 4 to 6.
+# to 47 of 48, and the splits of the 8 tries differed by 118 to 176 connections in all (3 runs);
+# balanced, by 10 to 14.
 CONNECTIONS, TRIES = 48, 8
 
 
