@@ -404,8 +404,22 @@ def bn_folding_section(data: dict[str, Any]) -> list[str]:
                   + ("helps on this run" if folded["helps"] else "does NOT help on this run")
                   + f" (helps: at least {threshold} faster at one batch size, not slower at the other, "
                   "with parity)."]  # fmt: skip
+    helped = [name for name, v in data["verdict"].items() if v and v["helps"]]
+    for name in (name for name in helped if not name.startswith("BN folded (")):
+        lines += ["", f"{name} also helps on this run; the export does not use it: "
+                  + next((why for key, why in NOT_IN_EXPORT.items() if key in name), "not evaluated for it.")]
     lines.append("")
     return lines
+
+
+# Why a variant bn_folding.py measures is not what the export ships, when a run finds it helps.
+NOT_IN_EXPORT = {
+    "XLA": "the exported signature cannot be compiled whole (its string `classes` output has no XLA "
+    "kernel), and the embedded gateway runs the signature's LiteRT conversion, faster than any "
+    "TensorFlow variant here at batch 1 (the serving section's bare model).",
+    "frozen": "the gateway's LiteRT conversion already turns the weights into constants, so freezing "
+    "would change only what TensorFlow Serving runs; not adopted on one run's figures.",
+}
 
 
 GPU_TRAIN_HEADER = [

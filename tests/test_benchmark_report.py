@@ -304,7 +304,8 @@ def test_the_lean_app_line_is_left_out_when_it_was_not_run(tmp_path: Path) -> No
     data["cpu_budget"] = bench.cpu_budget(data)
     write(tmp_path, "serving_latency.json", data)
     body = section(report.render(tmp_path, now=NOW), "## Serving latency")
-    assert "the naive app spends 120.50 ms per request" in body and "lean_flask" not in body.split("| app |")[1]
+    assert "the naive app spends 120.50 ms per request" in body
+    assert "lean_flask" not in body.split("| app |")[1]  # the line after the budget, not the intro
 
 
 def test_start_up_with_the_conversion_cache_off_cold_and_warm(full_results: Path, tmp_path: Path) -> None:
@@ -395,6 +396,24 @@ def test_bn_folding_that_does_not_help_is_said(tmp_path: Path) -> None:
     write(tmp_path, "bn_folding.json", data)
     body = section(report.render(tmp_path, now=NOW), "## Served graph")
     assert "does NOT help on this run" in body
+
+
+def test_another_variant_that_helps_says_why_the_export_does_not_use_it(tmp_path: Path) -> None:
+    data = bn_folding_json()
+    name = "BN folded + frozen"
+    data["parity"][name] = {"max_abs_difference": 5e-7, "within_atol": True}
+    for batch, ms in (("1", 4.0), ("64", 150.0)):
+        data["timings"][batch][name] = {"calls": 100, "median_ms": ms, "images_per_s": 1.0}
+    data["verdict"][name] = {"speedup": {"1": 1.25, "64": 1.33}, "cpu_speedup": {"1": 1.2, "64": 1.3},
+                             "helps": True}  # fmt: skip
+    write(tmp_path, "bn_folding.json", data)
+    body = section(report.render(tmp_path, now=NOW), "## Served graph")
+    assert "BN folded + frozen also helps on this run; the export does not use it: the gateway's" in body
+    assert "Batch-norm folding, which the export does: helps on this run" in body
+    # A variant that does not help gets no such line.
+    data["verdict"][name]["helps"] = False
+    write(tmp_path, "bn_folding.json", data)
+    assert "also helps" not in section(report.render(tmp_path, now=NOW), "## Served graph")
 
 
 def test_missing_results_say_not_measured(tmp_path: Path) -> None:
