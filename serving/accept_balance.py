@@ -9,9 +9,9 @@ makes such a split last as long as the connections do.
 So each worker publishes its open connections in a table the workers share (`ConnectionTable`, an
 anonymous shared memory map the gunicorn master makes before it forks them), and a worker holding
 more than SLACK connections above its least loaded live sibling pauses accepting for PAUSE_S,
-leaving what waits to that sibling. After a pause it accepts what still waits whatever the counts
-say (a sibling that did not take it in PAUSE_S is busy or stuck), so balancing costs a new
-connection PAUSE_S at most, and a worker that hangs costs its siblings nothing more. A sibling
+leaving what waits to that sibling. After a pause it accepts the next connection whatever the counts
+say (a sibling that did not take it in PAUSE_S is busy or stuck), then the counts decide again: so
+balancing makes a new connection wait PAUSE_S at most, and a worker that hangs costs no more. A sibling
 counts while its heartbeat, written on every turn of its event loop (at least once a second), is
 under STALE_S old: one that stops, dies or is still loading its app drops out of the comparison.
 """
@@ -26,23 +26,23 @@ SLOTS = 64  # workers a table tracks at once: a worker's slot is its gunicorn ag
 SLACK = 1  # connections a worker may hold above its least loaded sibling before it pauses
 PAUSE_S = 0.005  # how long a busier worker leaves new connections to its siblings
 STALE_S = 3.0  # a sibling whose loop has not turned for this long is not compared with
-_PID, _CONNECTIONS, _HEARTBEAT = range(3)
+_CONNECTIONS, _HEARTBEAT = range(2)  # a slot's fields
 
 
 class ConnectionTable:
     """Open connections per worker, shared by the processes forked after it was made."""
 
     def __init__(self, slots: int = SLOTS) -> None:
-        self._map = mmap.mmap(-1, slots * 3 * 8)  # anonymous and shared: children see one memory
-        self._rows = np.frombuffer(self._map, dtype=np.float64).reshape(slots, 3)
+        self._map = mmap.mmap(-1, slots * 2 * 8)  # anonymous and shared: children see one memory
+        self._rows = np.frombuffer(self._map, dtype=np.float64).reshape(slots, 2)
         self.slots = slots
 
     def slot_for(self, age: int) -> int:
         return age % self.slots
 
-    def publish(self, slot: int, pid: int, connections: int, now: float) -> None:
+    def publish(self, slot: int, connections: int, now: float) -> None:
         """`now`: time.monotonic(), one clock for every process on the machine."""
-        self._rows[slot] = (pid, connections, now)
+        self._rows[slot] = (connections, now)
 
     def clear(self, slot: int) -> None:
         self._rows[slot] = 0.0

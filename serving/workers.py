@@ -297,7 +297,7 @@ class BufferedThreadWorker(ThreadWorker):
         super().wait_for_and_dispatch_events(timeout)
         if self._table is not None:
             if self.alive:
-                self._table.publish(self._slot, self.pid, self.nr_conns, time.monotonic())
+                self._table.publish(self._slot, self.nr_conns, time.monotonic())
             else:  # stopping: siblings must not leave connections to a worker that no longer accepts
                 self._table.clear(self._slot)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import socket
 import time
 from collections import Counter
@@ -25,10 +24,10 @@ CONNECTIONS, TRIES = 48, 8
 def test_a_forked_workers_count_is_seen_by_its_siblings() -> None:
     table = ConnectionTable(slots=4)
     now = time.monotonic()
-    table.publish(0, os.getpid(), 9, now)
+    table.publish(0, 9, now)
 
     def child() -> None:  # another process, as a forked gunicorn worker is
-        table.publish(1, os.getpid(), 2, time.monotonic())
+        table.publish(1, 2, time.monotonic())
 
     process = multiprocessing.get_context("fork").Process(target=child)
     process.start()
@@ -43,10 +42,10 @@ def test_a_forked_workers_count_is_seen_by_its_siblings() -> None:
 def test_only_live_siblings_count() -> None:
     table = ConnectionTable(slots=4)
     now = time.monotonic()
-    table.publish(1, 101, 0, now - STALE_S - 1)  # its loop stopped turning: stuck, dead or loading
+    table.publish(1, 0, now - STALE_S - 1)  # its loop stopped turning: stuck, dead or loading
     assert table.least_loaded_sibling(0, now) is None
     assert not table.should_yield(0, 50, now)  # no live sibling to leave connections to
-    table.publish(2, 102, 3, now)
+    table.publish(2, 3, now)
     assert table.least_loaded_sibling(0, now) == 3
     assert table.should_yield(0, 3 + SLACK + 1, now) and not table.should_yield(0, 3 + SLACK, now)
     table.clear(2)  # a stopping worker takes itself out
