@@ -446,25 +446,28 @@ def measure_gateway(results: dict, model_base: Path, bodies: dict[int, Path], ar
 
 
 def measure_naive_app(results: dict, run_dir: Path, body: Path, args: argparse.Namespace, load: Load) -> None:
-    env = {"NAIVE_RUN_DIR": str(run_dir), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    # The naive app has no health route: a GET on its POST-only /predict answers 405 once it is up.
-    app = "benchmarks.naive_flask:create_app()"
-    with running_gateway(env, workers=args.workers, app=app, probe_path="/predict", probe_statuses=(405,),
-                         startup_timeout=180) as naive:  # fmt: skip
-        server = Server([naive.master])
-        measure_levels(results, NAIVE, naive.url + "/predict", body, 1, NAIVE_CLIENTS, load, server)
+    env = {"NAIVE_RUN_DIR": str(run_dir)}
+    _measure_flask_route(results, NAIVE, "benchmarks.naive_flask:create_app()", env, body, NAIVE_CLIENTS,
+                         args, load)  # fmt: skip
 
 
 def measure_lean_app(
     results: dict, model_path: Path, body: Path, args: argparse.Namespace, load: Load
 ) -> None:
-    env = {"LEAN_MODEL_DIR": str(model_path), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    # No health route either: its POST-only /predict answers a GET 405 once the app is built.
-    app = "benchmarks.lean_flask:create_app()"
+    env = {"LEAN_MODEL_DIR": str(model_path)}
+    _measure_flask_route(results, LEAN, "benchmarks.lean_flask:create_app()", env, body, LEAN_CLIENTS,
+                         args, load)  # fmt: skip
+
+
+def _measure_flask_route(results: dict, name: str, app: str, env: dict[str, str], body: Path,
+                         clients: tuple[int, ...], args: argparse.Namespace, load: Load) -> None:  # fmt: skip
+    """A one-route Flask app (POST /predict) under the gateway's gunicorn settings, one image per request."""
+    env = {**env, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # No health route: a GET on its POST-only /predict answers 405 once the app is built.
     with running_gateway(env, workers=args.workers, app=app, probe_path="/predict", probe_statuses=(405,),
-                         startup_timeout=180) as lean:  # fmt: skip
-        server = Server([lean.master])
-        measure_levels(results, LEAN, lean.url + "/predict", body, 1, LEAN_CLIENTS, load, server)
+                         startup_timeout=180) as served:  # fmt: skip
+        server = Server([served.master])
+        measure_levels(results, name, served.url + "/predict", body, 1, clients, load, server)
 
 
 def measure_litserve(results: dict, model_path: Path, body: Path, work: Path, load: Load) -> None:
