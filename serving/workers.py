@@ -40,14 +40,16 @@ import re
 import selectors
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from gunicorn import http
+from gunicorn import http, util
 from gunicorn.http.unreader import IterUnreader
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
+from contract.request_id import HEADER as REQUEST_ID_HEADER
 from serving.accept_balance import PAUSE_S, ConnectionTable
 from serving.config import Settings
 
@@ -199,19 +201,48 @@ class _Reading:
     continue_sent: bool = False
 
 
-def _timeout_response() -> bytes:
-    body = json.dumps({
-        "error": {
-            "code": "request_timeout",
-            "message": "the request did not arrive in time; send the whole request without pausing",
-            "request_id": None,
-        }
-    }).encode()  # fmt: skip
+def _error_response(status: int, reason: str, code: str, message: str) -> bytes:
+    """An answer the worker writes itself, before any app sees the request, in the API's error shape
+    (serving/errors.py) with a fresh request id (the request's own, if any, was never read)."""
+    rid = uuid.uuid4().hex
+    body = json.dumps({"error": {"code": code, "message": message, "request_id": rid}}).encode()
     head = (
-        "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{REQUEST_ID_HEADER}: {rid}\r\nConnection: close\r\n\r\n"
     )
-    return head.encode() + body
+    return head.encode("latin-1") + body
+
+
+def _timeout_response() -> bytes:
+    message = "the request did not arrive in time; send the whole request without pausing"
+    return _error_response(408, "Request Timeout", "request_timeout", message)
+
+
+# gunicorn answers a request it cannot parse itself, before the app, as an HTML page: 400 for malformed
+# HTTP, 414 for a request line over limit_request_line (a long query string), 431 for headers over
+# the limits, and a few rarer ones. The API promises every error as JSON with a stable code and a
+# message that says the fix (docs and serving/openapi.yaml): these say it too.
+_PROTOCOL_ERRORS = {
+    400: ("bad_request", "the request is not valid HTTP/1.1 ({detail}); check the client"),
+    403: ("forbidden", "the request was refused ({detail})"),
+    414: ("request_line_too_long", "the request line (method, path and query string) is over the "
+          "server's limit ({detail}); shorten the query string"),
+    417: ("expectation_failed", "the Expect header asks for something the server does not do ({detail}); "
+          "send only 'Expect: 100-continue', or none"),
+    431: ("headers_too_large", "the request's headers are over the server's limits ({detail}); send "
+          "fewer or shorter headers"),
+    501: ("not_implemented", "the request uses an HTTP feature the server does not support ({detail})"),
+}
+_DETAIL_CHARS = 200  # gunicorn's message may quote the client's bytes: enough to recognise them
+
+
+def write_protocol_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
+    """gunicorn.util.write_error's replacement (same arguments): the answer as JSON, not HTML."""
+    code, text = _PROTOCOL_ERRORS.get(status, ("internal_error", ""))
+    if not text:  # 500: an exception outside the app; gunicorn logged it, the client gets no internals
+        text = "the server failed while handling the request; retry, and report the request id if it persists"
+    detail = message if len(message) <= _DETAIL_CHARS else message[:_DETAIL_CHARS] + "..."
+    util.write_nonblock(sock, _error_response(status, reason, code, text.format(detail=detail)))
 
 
 def _has_pending_bytes(sock: socket.socket) -> bool:
@@ -266,6 +297,9 @@ class BufferedThreadWorker(ThreadWorker):
         self._slot = self._table.slot_for(self.age) if self._table is not None else 0
         self._accept_paused_until = 0.0  # accepting is off until then (left to a sibling)
         self._accept_anyway_until = 0.0  # just after a pause: accept the next connection whatever the counts
+        # gunicorn's Worker.handle_error (status, logging) writes its answer through util.write_error:
+        # in this worker process, that writes the API's JSON error instead of an HTML page.
+        util.write_error = write_protocol_error
         super().init_process()
 
     # --- spreading connections over the workers (serving/accept_balance.py) ------------------

@@ -10,6 +10,7 @@ with the real gateway and nginx is tests/drills/test_slow_clients.py.
 from __future__ import annotations
 
 import hashlib
+import json
 import signal
 import socket
 import time
@@ -139,6 +140,34 @@ def test_the_garbage_collector_is_off_while_a_worker_builds_its_app_and_on_once_
     TensorFlow's objects cost ~1 s of a worker's start), and never left off: cycles would leak."""
     answer = requests.get(f"{echo_server.url}/", timeout=10).json()
     assert answer["gc_enabled"] == {"while_built": False, "serving": True}
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        (b"GET /?q=" + b"x" * 6000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414, "request_line_too_long"),
+        (b"GET / HTTP/1.1\r\nHost: t\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(120)) + b"\r\n",
+         431, "headers_too_large"),
+        (b"GET / HTTP/1.1\r\nHost: t\r\nBad Header: x\r\n\r\n", 400, "bad_request"),
+    ],
+    ids=["query string too long", "too many headers", "malformed header"],
+)
+def test_requests_gunicorn_cannot_parse_get_the_apis_json_error(
+    echo_server: GatewayProcess, request_bytes: bytes, status: int, code: str
+) -> None:
+    """gunicorn answers these before any app sees them; the answer is JSON in the API's error shape
+    (a code, a message saying the fix, a request id, also in X-Request-ID), never its HTML page."""
+    reply = _raw(echo_server.port, request_bytes)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()), head[:200]
+    headers = dict(line.split(": ", 1) for line in head.decode("latin-1").split("\r\n")[1:])
+    assert headers["Content-Type"] == "application/json"
+    error = json.loads(body)["error"]
+    assert error["code"] == code
+    assert error["request_id"] == headers["X-Request-ID"] and len(error["request_id"]) == 32
+    assert len(error["message"]) < 400  # gunicorn quotes the request: cut short, not echoed whole
+    # The worker keeps serving.
+    assert requests.get(f"{echo_server.url}/after", timeout=10).json()["path"] == "/after"
 
 
 def test_ordinary_http_still_works(echo_server: GatewayProcess) -> None:
