@@ -23,7 +23,6 @@ server's operators can find the call in their logs (a service mesh's access log,
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ from contract.channel import (
     retry_service_config,
 )
 from contract.request_id import METADATA_KEY as REQUEST_ID_METADATA
+from contract.request_id import new_id
 from contract.signatures import ABSTAIN_KEY, DEFAULT_TOP_K, OOD_SCORE_KEY
 from contract.signatures import SERVING_BYTES as BYTES_SIGNATURE
 from contract.signatures import SERVING_DEFAULT as PIXELS_SIGNATURE
@@ -217,7 +217,7 @@ class GRPCClient:
         `request_id` (default: a fresh uuid4 hex) in its metadata."""
         if not images:
             raise ClientError("no_images", "pass at least one image")
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or new_id()
         signature_name = BYTES_SIGNATURE if use_bytes else PIXELS_SIGNATURE
         keys = self._signature(signature_name, timeout, request_id)
         files = [read_image(image) for image in images]

@@ -10,11 +10,17 @@ never looks for an id in the logs that the gateway did not keep.
 from __future__ import annotations
 
 import re
+import uuid
 
 HEADER = "X-Request-ID"
 METADATA_KEY = "x-request-id"
 RULE = "1..64 characters of A-Z a-z 0-9 . _ -"
 _VALID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def new_id() -> str:
+    """A fresh id, where a call has none of its own: a uuid4 in hex (32 characters, always valid)."""
+    return uuid.uuid4().hex
 
 
 def is_valid(value: str | None) -> bool:

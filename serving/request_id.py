@@ -10,11 +10,9 @@ internals: an operator finds the details in the log by the id the client reports
 
 from __future__ import annotations
 
-import uuid
-
 from flask import Flask, Response, g, has_request_context, request
 
-from contract.request_id import HEADER, is_valid
+from contract.request_id import HEADER, is_valid, new_id
 
 __all__ = ["HEADER", "current", "install"]
 
@@ -22,7 +20,7 @@ __all__ = ["HEADER", "current", "install"]
 def _choose(incoming: str | None) -> str:
     if is_valid(incoming):
         return incoming
-    return uuid.uuid4().hex
+    return new_id()
 
 
 def current() -> str | None:

@@ -40,7 +40,6 @@ import re
 import selectors
 import socket
 import time
-import uuid
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -50,6 +49,7 @@ from gunicorn.http.unreader import IterUnreader
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 from contract.request_id import HEADER as REQUEST_ID_HEADER
+from contract.request_id import new_id
 from serving.accept_balance import PAUSE_S, ConnectionTable
 from serving.config import Settings
 
@@ -204,7 +204,7 @@ class _Reading:
 def _error_response(status: int, reason: str, code: str, message: str) -> bytes:
     """An answer the worker writes itself, before any app sees the request, in the API's error shape
     (serving/errors.py) with a fresh request id (the request's own, if any, was never read)."""
-    rid = uuid.uuid4().hex
+    rid = new_id()
     body = json.dumps({"error": {"code": code, "message": message, "request_id": rid}}).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
