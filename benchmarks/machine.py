@@ -20,6 +20,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def vector_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The widest x86 vector instructions the CPU has ("AVX-512", "AVX2", ...; "" when unknown):
+    which runtime runs the model faster depends on it (serving/backends/litert.py, the race)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("flags")), [])  # fmt: skip
+    except OSError:
+        return ""
+    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")):
+        if flag in flags:
+            return name
+    return ""
+
+
 def load_average() -> float:
     """The 1-minute load average: how busy the shared machine was."""
     return round(os.getloadavg()[0], 2)
@@ -29,6 +43,7 @@ def describe() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
         "processor": cpu_model(),
+        "vector_isa": vector_isa(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
     }

@@ -35,7 +35,8 @@ def met(ok: bool) -> str:
 def machine_text(m: dict[str, Any]) -> str:
     """The machine a run recorded, in words (the benchmarks record different subsets)."""
     cpus = m.get("cpu_count", m.get("cpus"))
-    parts = [f"{cpus} CPU cores" + (f" ({m['processor']})" if m.get("processor") else "")]
+    cpu = ", ".join(m[k] for k in ("processor", "vector_isa") if m.get(k))
+    parts = [f"{cpus} CPU cores" + (f" ({cpu})" if cpu else "")]
     if "gpus" in m:
         parts.append(f"{m['gpus']} GPUs")
     parts += [m[k] if k == "platform" else f"Python {m[k]}" for k in ("platform", "python") if m.get(k)]
@@ -225,6 +226,12 @@ def _serving_model_text(model: dict[str, Any]) -> str:
     return f"{model['arch']}{width} ({model['params']:,} parameters{profile}); weights {model['weights']}"
 
 
+def _large_batches_text(data: dict[str, Any]) -> str:
+    """What the gateway's workers chose for large batches at load (runtime auto), if recorded."""
+    chosen = data.get("gateway_large_batches") or []
+    return f": {'; '.join(chosen)}" if chosen else ""
+
+
 def serving_section(data: dict[str, Any]) -> list[str]:
     if "runs" not in data:  # written by the benchmark before it measured the default profile's model
         return ["Not measured: `serving_latency.json` is from an older version of the benchmark; "
@@ -244,7 +251,7 @@ def serving_section(data: dict[str, Any]) -> list[str]:
         "gateway runs by default, serving/backends/litert.py); the faster runtime's best batched images/s",
         f"(here {bare.get('runtime', 'tensorflow')}) is the most this CPU gives for the model.",
         f"The gateway runs under gunicorn as `make serve` starts it ({s['workers']} workers, runtime "
-        f"{s.get('gateway_runtime', 'tensorflow')}); the naive app",
+        f"{s.get('gateway_runtime', 'tensorflow')}{_large_batches_text(data)}); the naive app",
         "(a Flask route calling Keras `model.predict` per upload, the same model file) under the same",
         f"gunicorn settings; LitServe (benchmarks/litserve_app.py, {s.get('litserve') or 'not run'}) batches",
         "the same SavedModel with its own dynamic batching after the same decode and resize; the lean app",

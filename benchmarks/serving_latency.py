@@ -49,6 +49,7 @@ import io
 import json
 import math
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -436,6 +437,9 @@ def gateway_env(model_base: Path, tfserving_address: str = "") -> dict[str, str]
     }
 
 
+_LARGE_BATCHES = re.compile(r"version \d+: (batches of \d+\+ images run on \w+ \([^)]*\))")
+
+
 def measure_gateway(results: dict, model_base: Path, bodies: dict[int, Path], args: argparse.Namespace,
                     load: Load) -> None:  # fmt: skip
     with running_gateway(gateway_env(model_base), workers=args.workers, startup_timeout=180) as gateway:
@@ -443,6 +447,8 @@ def measure_gateway(results: dict, model_base: Path, bodies: dict[int, Path], ar
         measure_levels(results, GATEWAY, url, bodies[1], 1, GATEWAY_CLIENTS, load, server)
         measure_levels(results, GATEWAY, url, bodies[BATCH_IMAGES], BATCH_IMAGES, GATEWAY_BATCH_CLIENTS, load,
                        server)  # fmt: skip
+        # GATEWAY_RUNTIME=auto: which runtime each worker gave large batches, and the race that decided.
+        results["gateway_large_batches"] = sorted(set(_LARGE_BATCHES.findall(gateway.log())))
 
 
 def measure_naive_app(results: dict, run_dir: Path, body: Path, args: argparse.Namespace, load: Load) -> None:

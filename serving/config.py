@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from contract.signatures import MAX_PIXELS, SERVING_DEFAULT
-from serving.backends.litert import LITERT, RUNTIMES
+from serving.backends.litert import AUTO, RUNTIMES
 from serving.backends.litert_cache import default_cache_dir
 from serving.batching import BatchingParameters
 
@@ -56,7 +56,7 @@ class Settings:
     # version's signature to LiteRT (XNNPACK) at load and uses it once it agrees with the SavedModel,
     # else TensorFlow; "tensorflow" always calls the SavedModel's signature. model_threads: LiteRT's
     # threads per model, None = the CPUs this process may use, at most 4.
-    runtime: str = LITERT
+    runtime: str = AUTO
     model_threads: int | None = None
     # Where workers keep LiteRT conversions, so a machine converts each version once
     # (serving/backends/litert_cache.py); GATEWAY_LITERT_CACHE_DIR=off converts in every worker.
@@ -210,7 +210,8 @@ class Settings:
                 "GATEWAY_RUNTIME",
                 lambda raw: raw.lower(),
                 d.runtime,
-                "litert (the default: LiteRT where a version converts) or tensorflow",
+                "auto (the default: LiteRT where a version converts, TensorFlow for large batches where "
+                "it measured faster at load), litert (LiteRT only) or tensorflow",
                 lambda v: v in RUNTIMES,
             ),
             model_threads=read(

@@ -111,7 +111,11 @@ def serving_json() -> dict[str, Any]:
         "machine": _machine(),
         "settings": {"quick": False, "duration_s": 8.0, "warmup_s": 1.0, "bare_duration_s": 3.0, "workers": 2,
                      "client": "hey (/usr/bin/hey), closed loop, -t 20 s", "request_deadline_s": 10.0,
-                     "litserve": "--workers 1 --max-batch-size 64 --batch-timeout-s 0.005"},
+                     "litserve": "--workers 1 --max-batch-size 64 --batch-timeout-s 0.005",
+                     "gateway_runtime": "auto"},
+        "gateway_large_batches": [
+            "batches of 16+ images run on TensorFlow (a batch of 32: TensorFlow 42.1 ms, LiteRT 50.3 ms)"
+        ],
         "model": {"profile": "configs/default.yaml", "arch": "bn_cnn", "width": 64, "params": 1_150_666,
                   "num_train": 50_000, "weights": "untrained (seed 0)"},
         "bare_model": rows[0],
@@ -244,6 +248,9 @@ def test_serving_section_names_the_model_and_the_bare_limits(full_results: Path)
     assert "faster runtime's best batched images/s\n(here litert)" in body
     assert "hey (/usr/bin/hey), closed loop" in body
     assert "quick" not in body.lower()
+    # What runtime auto gave large batches on this machine, and the timing that decided it.
+    assert ("runtime auto: batches of 16+ images run on TensorFlow (a batch of 32: TensorFlow 42.1 ms, "
+            "LiteRT 50.3 ms)") in body.replace("\n", " ")
 
 
 def test_serving_rows_show_fraction_of_bare_ratio_to_naive_and_errors(full_results: Path) -> None:
@@ -598,3 +605,17 @@ def test_training_section_shows_data_on_the_device_beside_the_host(tmp_path: Pat
     write(tmp_path, "train_throughput.json", data)
     training = section(report.render(tmp_path, now=NOW), "## Training throughput")
     assert "Data on the device vs fed from the host: not measured in this run." in training
+
+
+def test_the_machine_line_names_the_vector_instructions(tmp_path: Path) -> None:
+    """Which runtime is faster for large batches turns on AVX-512: the figures say which CPU had it."""
+    from benchmarks.machine import vector_isa
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw\n")
+    assert vector_isa(cpuinfo) == "AVX-512"
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx avx2 fma\n")
+    assert vector_isa(cpuinfo) == "AVX2"
+    assert vector_isa(tmp_path / "missing") == ""
+    text = report.machine_text(_machine(vector_isa="AVX-512"))
+    assert text.startswith("2 CPU cores (Test CPU, AVX-512)")

@@ -41,7 +41,16 @@ from serving.backends.base import (
     served_detail,
 )
 from serving.backends.explain import explain_saved_model
-from serving.backends.litert import LITERT, PREDICTION_KEYS, TENSORFLOW, LiteSignature, load_lite
+from serving.backends.litert import (
+    AUTO,
+    LARGE_BATCH_ROWS,
+    LITERT,
+    PREDICTION_KEYS,
+    RACE_ROWS,
+    TENSORFLOW,
+    LiteSignature,
+    load_lite,
+)
 from serving.backends.litert_cache import ConversionCache, cache_key
 from serving.batching import Batcher, BatchingParameters
 from serving.canary import (
@@ -72,10 +81,26 @@ class LoadedModel:
     # The same signature on LiteRT (serving/backends/litert.py), which predictions use when set;
     # None: they run on `signature` (GATEWAY_RUNTIME=tensorflow, or the version did not convert).
     lite: LiteSignature | None = None
+    # Batches of at least this many rows run on `signature` even with `lite` set: TensorFlow was
+    # the faster of the two on a large batch at load (GATEWAY_RUNTIME=auto, litert.race). None: never.
+    tensorflow_from_rows: int | None = None
 
     @property
     def runtime(self) -> str:
         return TENSORFLOW if self.lite is None else LITERT
+
+    def runs_on(self, rows: int) -> str:
+        """The runtime a batch of `rows` rows runs on."""
+        if self.lite is None or (self.tensorflow_from_rows is not None and rows >= self.tensorflow_from_rows):
+            return TENSORFLOW
+        return LITERT
+
+    @property
+    def described(self) -> str:
+        """Which runtime answers, for logs and readiness details."""
+        if self.lite is not None and self.tensorflow_from_rows is not None:
+            return f"LiteRT (TensorFlow for batches of {self.tensorflow_from_rows}+ images)"
+        return _RUNTIME_NAMES[self.runtime]
 
 
 @dataclass(eq=False)
@@ -93,13 +118,14 @@ def load_version(
     version: int,
     signature_name: str = SERVING_DEFAULT,
     *,
-    runtime: str = LITERT,
+    runtime: str = AUTO,
     model_threads: int | None = None,
     litert_cache: ConversionCache | None = None,
 ) -> LoadedModel:
     """Load one version and run it once, so the first request does not pay for tracing; with
-    runtime "litert", also its LiteRT conversion when that converts and agrees (litert.py), read
-    from `litert_cache` when a worker on this machine converted it before (litert_cache.py)."""
+    runtime "litert" or "auto", also its LiteRT conversion when that converts and agrees (litert.py),
+    read from `litert_cache` when a worker on this machine converted it before (litert_cache.py);
+    with "auto", large batches go to whichever runtime was faster on one here (litert.race)."""
     import tensorflow as tf  # imported here so the gateway's TF Serving mode need not load it eagerly
 
     path = model_dir / str(version)
@@ -112,10 +138,17 @@ def load_version(
     signature = saved_model.signatures[signature_name]
     outputs = signature(**{IMAGES_KEY: tf.zeros([1, 32, 32, 3], tf.float32)})
     class_names = tuple(c.decode("utf-8") for c in outputs[CLASSES_KEY].numpy()[0])
-    lite = None
-    if runtime == LITERT:
+    lite, tensorflow_from_rows = None, None
+    if runtime != TENSORFLOW:
         key = cache_key(path, signature_name) if litert_cache is not None and litert_cache.usable else ""
-        conversion = load_lite(saved_model, signature, model_threads, cache=litert_cache, key=key)
+        conversion = load_lite(
+            saved_model,
+            signature,
+            model_threads,
+            cache=litert_cache,
+            key=key,
+            race_large_batches=runtime == AUTO,  # both runtimes timed on a large batch
+        )
         lite = conversion.lite
         if lite is None:
             log.warning("version %s runs on TensorFlow, not LiteRT: %s", version, conversion.reason)
@@ -131,8 +164,28 @@ def load_version(
                 f", after waiting {waited:.1f} s for another worker's conversion" if waited >= 0.1 else "",
                 conversion.max_difference,
             )
+        if lite is not None and conversion.race is not None:
+            timed = conversion.race
+            if timed.tensorflow_wins:
+                tensorflow_from_rows = LARGE_BATCH_ROWS
+            log.info(
+                "version %s: batches of %d+ images run on %s (a batch of %d: TensorFlow %.1f ms, "
+                "LiteRT %.1f ms%s)",
+                version,
+                LARGE_BATCH_ROWS,
+                "TensorFlow" if timed.tensorflow_wins else "LiteRT",
+                RACE_ROWS,
+                timed.tensorflow_ms,
+                timed.litert_ms,
+                "; timed on this machine before" if timed.cached else "",
+            )
     return LoadedModel(
-        version=version, signature=signature, class_names=class_names, saved_model=saved_model, lite=lite
+        version=version,
+        signature=signature,
+        class_names=class_names,
+        saved_model=saved_model,
+        lite=lite,
+        tensorflow_from_rows=tensorflow_from_rows,
     )
 
 
@@ -149,7 +202,7 @@ class EmbeddedBackend:
         deadline_s: float = 5.0,
         batching: BatchingParameters | None = None,
         explain_threads: int = 2,
-        runtime: str = LITERT,
+        runtime: str = AUTO,
         model_threads: int | None = None,
         litert_cache_dir: Path | None = None,
         rng: random.Random | None = None,
@@ -159,12 +212,13 @@ class EmbeddedBackend:
         self.poll_interval_s = poll_interval_s
         self.signature_name = signature_name
         self.deadline_s = deadline_s
-        self.runtime = runtime  # "litert" (predictions on LiteRT where a version converts) or "tensorflow"
+        # "auto" (LiteRT where a version converts, TensorFlow for large batches where it measured
+        # faster), "litert" (LiteRT where a version converts) or "tensorflow".
+        self.runtime = runtime
         self.model_threads = model_threads  # LiteRT's threads per model; None: litert.default_threads()
         # Conversions shared by this machine's workers and kept across restarts (None: not cached).
-        self._litert_cache = (
-            ConversionCache(litert_cache_dir) if litert_cache_dir is not None and runtime == LITERT else None
-        )
+        cached = litert_cache_dir is not None and runtime != TENSORFLOW
+        self._litert_cache = ConversionCache(litert_cache_dir) if cached else None
         # Predictions from concurrent requests run together (serving/batching.py); explanations (a
         # backward pass each, rarer) run on their own small pool. Both give up at the deadline
         # (504) instead of waiting behind an overloaded CPU, and drop work still queued then.
@@ -483,12 +537,12 @@ class EmbeddedBackend:
         if model is None:
             return ModelStatus(False, self.model_name, None, None, self._last_error or "loading")
         failed = {v: e for v, e in sorted(self._broken_errors.items()) if v > model.version}
-        served = f"version {model.version} on {_RUNTIME_NAMES[model.runtime]}"  # which runtime answers
+        served = f"version {model.version} on {model.described}"  # which runtime answers
         if labels is not None:
             served += " (stable)"
             if canary is not None:
                 served += (
-                    f"; canary version {canary.version} on {_RUNTIME_NAMES[canary.runtime]} at "
+                    f"; canary version {canary.version} on {canary.described} at "
                     f"{labels.canary_percent:g}% ({labels.mode})"
                 )
         if self._label_problem:
@@ -518,7 +572,7 @@ def _call_signature(model: LoadedModel, rows: np.ndarray, parallel: bool = True)
     before issue 17 lack the out-of-distribution ones; `classes` stays on the graph, the names are
     read once at load). The batcher slices each per request. parallel: LiteRT may use all its threads
     (False when other requests wait: litert.LiteSignature)."""
-    if model.lite is not None:
+    if model.runs_on(len(rows)) == LITERT:
         return model.lite(rows, parallel)
     outputs = model.signature(**{IMAGES_KEY: rows})
     return {key: outputs[key].numpy() for key in PREDICTION_KEYS if key in outputs}

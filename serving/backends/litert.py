@@ -3,14 +3,17 @@ model run by XNNPACK's CPU kernels, and used for predictions only once it agrees
 
 Why: TensorFlow's runtime costs about 1.5 ms of CPU per call beside the arithmetic (op dispatch,
 thread hand-offs), which at the batches of 1-4 a gateway forms is a third of the work; XNNPACK runs the
-same convolutions with almost no per-call cost and faster kernels on this CPU (docs/benchmarks.md,
-the serving section's bare-model table: CPU per image flat across batch sizes, under TensorFlow's at
-every batch size).
+same convolutions with almost no per-call cost (docs/benchmarks.md, the serving section's bare-model
+table: CPU per image flat across batch sizes; on an AVX2 CPU under TensorFlow's at every batch size,
+on an AVX-512 one under it up to a batch of about 4).
 
 The SavedModel stays the contract: the conversion is made from the published version itself (no
 second artifact to keep in step), and before a version is served this way its outputs on probe images
 are compared with the TensorFlow signature's (PARITY_ATOL, the parity tolerance training and serving
-keep), also when the conversion is read from the machine's cache (litert_cache.py). A version LiteRT
+keep), also when the conversion is read from the machine's cache (litert_cache.py). With "auto" (the
+default), batches of LARGE_BATCH_ROWS or more go to TensorFlow where a race at load found it faster
+(race: AVX-512 CPUs, on which oneDNN beats XNNPACK once TensorFlow's per-call cost is spread over
+dozens of rows), the outcome kept beside the cached conversion for this CPU. A version LiteRT
 cannot convert (an op it lacks) or that disagrees runs on TensorFlow, with a log line saying why;
 explanations (gradients) always run on TensorFlow.
 """
@@ -21,6 +24,8 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
+import hashlib
+import json
 import logging
 import math
 import os
@@ -37,15 +42,27 @@ from serving.backends.litert_cache import ConversionCache
 
 log = logging.getLogger(__name__)
 
+AUTO = "auto"  # LiteRT, and TensorFlow for large batches where it measured faster at load
 LITERT = "litert"
 TENSORFLOW = "tensorflow"
-RUNTIMES = (LITERT, TENSORFLOW)
+RUNTIMES = (AUTO, LITERT, TENSORFLOW)
 # Outputs a prediction carries ('classes' is read once at load, from the TensorFlow signature).
 PREDICTION_KEYS = (PROBABILITIES_KEY, OOD_SCORE_KEY, ABSTAIN_KEY)
 PARITY_ATOL = 1e-5  # max |difference| of any float output (probabilities are 0..1), relative for large ones
 # Probe batches: sizes 1 and 5 (the interpreter resizes between them, as it does between batches),
 # random pixels over the whole 0..255 range plus a black and a white image.
 _PROBE_SEED = 20261206
+
+
+# Large batches ("auto"): TensorFlow's per-call cost (about 1.5 ms) stops mattering at a few dozen
+# rows, and where its oneDNN kernels beat XNNPACK's, large batches run faster on it. Which one wins
+# depends on the CPU, so each worker times both at load. Measured with the default model, bare, 2
+# threads, batch 64: 84.6 ms on TensorFlow vs 99.8 on LiteRT on an AVX-512 AMD EPYC (Zen 4), but
+# 123.8 vs 104.6 on the AVX2 one of docs/benchmarks.md; at batch 4 LiteRT won on both (6.3 vs 8.4 ms).
+LARGE_BATCH_ROWS = 16  # batches of at least this many rows may run on TensorFlow
+RACE_ROWS = 32  # the batch both runtimes are timed on (~40-120 ms a call with the default model)
+RACE_ROUNDS = 3  # timed calls of each, alternating, after one untimed call of each
+RACE_MARGIN = 0.95  # TensorFlow takes large batches only when at least 5% faster than LiteRT
 
 
 MAX_DEFAULT_THREADS = 4  # a batch of a few 32x32 images gains nothing from more
@@ -108,6 +125,7 @@ class Conversion:
     seconds: float = 0.0  # conversion (or cache read) and check, for the log
     cached: bool = False  # the flatbuffer came from the conversion cache
     waited: float = 0.0  # seconds spent waiting for another worker converting the same version
+    race: Race | None = None  # both runtimes timed on a large batch (load_lite's race_large_batches)
 
 
 def convert(saved_model: Any, signature: Any) -> bytes:
@@ -170,34 +188,119 @@ def load_lite(
     *,
     cache: ConversionCache | None = None,
     key: str = "",
+    race_large_batches: bool = False,
 ) -> Conversion:
     """Convert `signature` (of `saved_model`), or read its conversion from `cache` under `key`
     (litert_cache.py), and check the result against the signature itself on the probes; never
-    raises (a version that cannot run on LiteRT runs on TensorFlow)."""
+    raises (a version that cannot run on LiteRT runs on TensorFlow). With `race_large_batches`,
+    also time both runtimes on a large batch (race), or read the time this machine's CPU gave."""
     started = time.monotonic()
     threads = num_threads or default_threads()
     store = cache if cache is not None and cache.usable and key else None
+    # Under the entry's lock: the machine's other workers wait, so the race runs on idle cores.
     with store.locked(key) if store else contextlib.nullcontext():
         locked = time.monotonic()  # after waiting for the lock: another worker may have been converting
-        if store and (flatbuffer := store.read(key)) is not None:
-            conversion = _checked(flatbuffer, signature, threads, cached=True)
-            if conversion.lite is not None:
-                return dataclasses.replace(
-                    conversion, seconds=time.monotonic() - locked, waited=locked - started
-                )
-            log.warning("the cached LiteRT conversion %s… fails its check (%s); converting again",
-                        key[:12], conversion.reason)  # fmt: skip
-            store.discard(key)  # a damaged entry: converted again below
-        try:
-            flatbuffer = convert(saved_model, signature)
-        except Exception as error:  # an op LiteRT lacks, a converter bug: TensorFlow serves it
-            return Conversion(
-                None, f"LiteRT conversion failed ({_first_line(error)})", waited=locked - started
-            )
-        conversion = _checked(flatbuffer, signature, threads)
-        if store and conversion.lite is not None:
-            store.write(key, flatbuffer)
-    return dataclasses.replace(conversion, seconds=time.monotonic() - locked, waited=locked - started)
+        conversion = _converted(saved_model, signature, threads, store, key)
+        checked = time.monotonic()
+        if race_large_batches and conversion.lite is not None:
+            conversion = dataclasses.replace(conversion, race=_raced(conversion.lite, signature, store, key))
+    return dataclasses.replace(conversion, seconds=checked - locked, waited=locked - started)
+
+
+def _converted(
+    saved_model: Any, signature: Any, threads: int, store: ConversionCache | None, key: str
+) -> Conversion:
+    if store and (flatbuffer := store.read(key)) is not None:
+        conversion = _checked(flatbuffer, signature, threads, cached=True)
+        if conversion.lite is not None:
+            return conversion
+        log.warning("the cached LiteRT conversion %s… fails its check (%s); converting again",
+                    key[:12], conversion.reason)  # fmt: skip
+        store.discard(key)  # a damaged entry: converted again below
+    try:
+        flatbuffer = convert(saved_model, signature)
+    except Exception as error:  # an op LiteRT lacks, a converter bug: TensorFlow serves it
+        return Conversion(None, f"LiteRT conversion failed ({_first_line(error)})")
+    conversion = _checked(flatbuffer, signature, threads)
+    if store and conversion.lite is not None:
+        store.write(key, flatbuffer)
+    return conversion
+
+
+def _raced(lite: LiteSignature, signature: Any, store: ConversionCache | None, key: str) -> Race:
+    """The race of this version on this CPU with these threads: from the cache's note when one was
+    run here before (by another worker, or before a restart), else run now and noted."""
+    machine = cpu_fingerprint(lite.num_threads)
+    if store and (note := store.read_note(key)):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            kept = json.loads(note)
+            if kept["machine"] == machine:
+                return Race(float(kept["litert_ms"]), float(kept["tensorflow_ms"]), cached=True)
+    timed = race(lite, signature)
+    if store:
+        store.write_note(key, json.dumps({"machine": machine, "litert_ms": timed.litert_ms,
+                                          "tensorflow_ms": timed.tensorflow_ms}))  # fmt: skip
+    return timed
+
+
+def cpu_fingerprint(threads: int, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """What a race's outcome depends on besides the model: the CPU's model and instruction sets
+    (AVX-512 or not), the cores, LiteRT's threads and both runtimes' versions."""
+    import tensorflow as tf
+
+    described = ""
+    with contextlib.suppress(OSError):
+        lines = cpuinfo.read_text(errors="replace").splitlines()
+        wanted = ("model name", "flags", "cpu family", "model\t")
+        described = "\n".join(sorted({line for line in lines if line.startswith(wanted)}))
+    text = f"{described}\n{os.cpu_count()} cpus\n{threads} threads\ntf {tf.__version__}\n{_litert_version()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _litert_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"ai-edge-litert {version('ai-edge-litert')}"
+    except Exception:  # not installed as a distribution: the race is then just run again
+        return "ai-edge-litert unknown"
+
+
+@dataclass(frozen=True)
+class Race:
+    """Both runtimes timed on one RACE_ROWS batch at load: the fastest of RACE_ROUNDS calls each."""
+
+    litert_ms: float
+    tensorflow_ms: float
+    cached: bool = False  # read from the conversion cache's note, run on this machine before
+
+    @property
+    def tensorflow_wins(self) -> bool:
+        return self.tensorflow_ms < RACE_MARGIN * self.litert_ms
+
+
+def race(lite: LiteSignature, signature: Any, rows: int = RACE_ROWS, rounds: int = RACE_ROUNDS) -> Race:
+    """Time `lite` (all its threads, as a lone large request gets) against the TensorFlow
+    `signature` on one batch of `rows` random images. The calls alternate, so a neighbour busy for
+    part of the race slows both, and the fastest call of each counts (interference only adds time)."""
+    import tensorflow as tf
+
+    images = np.random.default_rng(_PROBE_SEED).integers(0, 256, (rows, 32, 32, 3)).astype(np.float32)
+    tensor = tf.constant(images)
+    calls = {
+        LITERT: lambda: lite(images, True),
+        # As the gateway calls it (embedded._call_signature): the prediction outputs, as arrays.
+        TENSORFLOW: lambda: {k: v.numpy() for k, v in signature(**{IMAGES_KEY: tensor}).items()
+                             if k in PREDICTION_KEYS},  # fmt: skip
+    }
+    best = {name: math.inf for name in calls}
+    for round_ in range(rounds + 1):  # round 0 is untimed: first calls at a new size set buffers up
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            if round_:
+                best[name] = min(best[name], 1000 * (time.perf_counter() - started))
+    return Race(litert_ms=best[LITERT], tensorflow_ms=best[TENSORFLOW])
 
 
 def _first_line(error: Exception) -> str:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when convert()'s options change: old entries are then never read
 KEEP_ENTRIES = 8  # the most recently used entries kept; a version's is ~4.6 MiB (default model)
 SUFFIX = ".tflite"
+NOTE_SUFFIX = ".race"  # beside an entry: its runtime race (litert.race), with the CPU it ran on
 
 
 def default_cache_dir() -> Path:
@@ -116,21 +117,40 @@ class ConversionCache:
     def write(self, key: str, flatbuffer: bytes) -> None:
         """Store an entry (atomically) and prune the least recently used beyond `keep`; a failure
         to write (a full disk) only costs the next worker a conversion."""
+        if self._write_atomic(f"{key}{SUFFIX}", flatbuffer):
+            self._prune()
+
+    def read_note(self, key: str) -> str | None:
+        """The small text kept beside `key`'s entry (write_note), or None."""
         if not self.usable:
-            return
+            return None
+        try:
+            return (self.directory / f"{key}{NOTE_SUFFIX}").read_text()
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def write_note(self, key: str, text: str) -> None:
+        """Keep `text` beside `key`'s entry (atomically; pruned with it)."""
+        self._write_atomic(f"{key}{NOTE_SUFFIX}", text.encode())
+
+    def _write_atomic(self, name: str, data: bytes) -> bool:
+        """`data` as `name`, through a temporary file and a rename (a reader never sees half of it);
+        False, with a warning, when it could not be written."""
+        if not self.usable:
+            return False
         tmp = ""
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{key[:16]}-", suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{name[:16]}-", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
-                f.write(flatbuffer)
-            os.replace(tmp, self.directory / f"{key}{SUFFIX}")
+                f.write(data)
+            os.replace(tmp, self.directory / name)
         except OSError as error:
-            log.warning("could not cache a LiteRT conversion in %s: %s", self.directory, error)
+            log.warning("could not write %s in %s: %s", name, self.directory, error)
             if tmp:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
-            return
-        self._prune()
+            return False
+        return True
 
     def discard(self, key: str) -> None:
         if self.usable:
@@ -145,7 +165,9 @@ class ConversionCache:
         for _, path in sorted(entries, reverse=True)[self.keep :]:
             with contextlib.suppress(OSError):
                 path.unlink()
-                path.with_suffix(".lock").unlink()
+            for suffix in (NOTE_SUFFIX, ".lock"):
+                with contextlib.suppress(OSError):
+                    path.with_suffix(suffix).unlink()
 
 
 def _unsafe(directory: Path) -> str:

@@ -70,8 +70,9 @@ def test_batching_parameters_are_tf_servings_names() -> None:
         Settings.from_env({"GATEWAY_ALLOWED_BATCH_SIZES": "8,16"})
 
 
-def test_the_embedded_runtime_is_litert_unless_told() -> None:
-    assert Settings.from_env({}).runtime == "litert" and Settings.from_env({}).model_threads is None
+def test_the_embedded_runtime_is_auto_unless_told() -> None:
+    assert Settings.from_env({}).runtime == "auto" and Settings.from_env({}).model_threads is None
+    assert Settings.from_env({"GATEWAY_RUNTIME": "LiteRT"}).runtime == "litert"
     settings = Settings.from_env({"GATEWAY_RUNTIME": "TensorFlow", "GATEWAY_MODEL_THREADS": "1"})
     assert settings.runtime == "tensorflow" and settings.model_threads == 1
 

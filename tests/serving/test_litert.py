@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,8 @@ import tensorflow as tf
 from PIL import Image
 
 from serving.backends import litert
-from serving.backends.embedded import EmbeddedBackend, load_version
+from serving.backends.embedded import EmbeddedBackend, _call_signature, load_version
+from serving.backends.litert_cache import ConversionCache
 from tests.tfserving_double.tiny_model import CIFAR10_CLASSES, write_tiny_model
 
 pytestmark = pytest.mark.slow  # saves, loads and converts SavedModels
@@ -123,7 +126,7 @@ def test_a_version_litert_cannot_convert_is_served_by_tensorflow(
 def test_runtime_tensorflow_keeps_every_prediction_on_the_savedmodel(tmp_path: Path) -> None:
     write_tiny_model(tmp_path, "cifar10", 1, ood=True)
     on_tf = EmbeddedBackend(tmp_path, "cifar10", poll_interval_s=60, runtime="tensorflow")
-    on_lite = EmbeddedBackend(tmp_path, "cifar10", poll_interval_s=60)
+    on_lite = EmbeddedBackend(tmp_path, "cifar10", poll_interval_s=60, runtime="litert")
     try:
         assert on_tf._current.lite is None and on_tf._current.runtime == "tensorflow"
         assert on_lite._current.runtime == "litert"
@@ -140,6 +143,116 @@ def test_runtime_tensorflow_keeps_every_prediction_on_the_savedmodel(tmp_path: P
     finally:
         on_tf.close()
         on_lite.close()
+
+
+class _Counted:
+    """A LiteSignature that counts its calls and can be made slower."""
+
+    def __init__(self, lite, delay_s: float = 0.0) -> None:
+        self.lite, self.delay_s, self.calls = lite, delay_s, 0
+        self.num_threads = lite.num_threads
+
+    def __call__(self, rows: np.ndarray, parallel: bool = True) -> dict[str, np.ndarray]:
+        self.calls += 1
+        time.sleep(self.delay_s)
+        return self.lite(rows, parallel)
+
+
+def test_the_race_gives_large_batches_to_the_faster_runtime(model) -> None:
+    """The same two runtimes, one made 40 ms slower a call: the race names the other."""
+    slow_lite = _Counted(model.lite, delay_s=0.04)
+    timed = litert.race(slow_lite, model.signature, rows=4, rounds=2)
+    assert slow_lite.calls == 3  # one untimed call, then one per round
+    assert timed.litert_ms >= 40 and timed.tensorflow_wins
+    tensorflow_calls: list[int] = []
+
+    def slow_tensorflow(**inputs):
+        tensorflow_calls.append(1)
+        time.sleep(0.04)
+        return model.signature(**inputs)
+
+    timed = litert.race(model.lite, slow_tensorflow, rows=4, rounds=2)
+    assert len(tensorflow_calls) == 3 and timed.tensorflow_ms >= 40 and not timed.tensorflow_wins
+    # Within the margin LiteRT keeps them: a switch must pay for itself.
+    assert not litert.Race(litert_ms=10.0, tensorflow_ms=9.6).tensorflow_wins
+    assert litert.Race(litert_ms=10.0, tensorflow_ms=9.4).tensorflow_wins
+
+
+def test_batches_from_the_threshold_run_on_tensorflow_and_agree(model, reference_pixels: np.ndarray) -> None:
+    counted = _Counted(model.lite)
+    routed = dataclasses.replace(model, lite=counted, tensorflow_from_rows=8)
+    rows = np.concatenate([reference_pixels] * (12 // len(reference_pixels) + 1))[:12]
+    for count, on_lite in ((1, 1), (7, 1), (8, 0), (12, 0)):
+        before = counted.calls
+        got = _call_signature(routed, rows[:count])
+        assert counted.calls - before == on_lite, f"a batch of {count} ran on the wrong runtime"
+        want = _signature_outputs(model, rows[:count])
+        np.testing.assert_allclose(got["probabilities"], want["probabilities"], rtol=0, atol=1e-5)
+        assert set(got) == set(want)
+    assert routed.runs_on(7) == "litert" and routed.runs_on(8) == "tensorflow"
+    assert dataclasses.replace(model, tensorflow_from_rows=None).runs_on(10_000) == "litert"
+
+
+def test_auto_routes_large_batches_by_the_race_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_tiny_model(tmp_path, "cifar10", 1, ood=True)
+    caplog.set_level(logging.INFO, logger="serving.backends.embedded")
+    for tensorflow_ms, detail in ((5.0, "version 1 on LiteRT (TensorFlow for batches of 16+ images)"),
+                                  (50.0, "version 1 on LiteRT")):  # fmt: skip
+        monkeypatch.setattr(litert, "race", lambda lite, signature, ms=tensorflow_ms: litert.Race(20.0, ms))
+        backend = EmbeddedBackend(tmp_path, "cifar10", poll_interval_s=60, runtime="auto")
+        try:
+            assert backend.status().detail == detail
+            rows = np.random.default_rng(3).integers(0, 256, (20, 32, 32, 3)).astype(np.float32)
+            want = _signature_outputs(backend._current, rows)["probabilities"]
+            np.testing.assert_allclose(backend.predict(rows).probabilities, want, rtol=0, atol=1e-5)
+        finally:
+            backend.close()
+    chosen = "batches of 16+ images run on TensorFlow (a batch of 32: TensorFlow 5.0 ms, LiteRT 20.0 ms)"
+    assert chosen in caplog.text
+    assert "batches of 16+ images run on LiteRT (a batch of 32: TensorFlow 50.0 ms" in caplog.text
+
+
+def test_the_race_is_run_once_per_machine_and_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kept beside the cached conversion for the other workers and restarts; a note from another
+    CPU, or one that does not parse, is raced again."""
+    write_tiny_model(tmp_path, "cifar10", 1, ood=True)
+    loaded = tf.saved_model.load(str(tmp_path / "cifar10" / "1"))
+    signature = loaded.signatures["serving_default"]
+    cache = ConversionCache(tmp_path / "cache")
+    races: list[int] = []
+
+    def counted_race(lite, signature):
+        races.append(1)
+        return litert.Race(20.0, 5.0)
+
+    monkeypatch.setattr(litert, "race", counted_race)
+
+    def load() -> litert.Race | None:
+        return litert.load_lite(loaded, signature, 1, cache=cache, key="k" * 64, race_large_batches=True).race
+
+    first, second = load(), load()
+    assert len(races) == 1 and not first.cached and second.cached
+    assert (second.litert_ms, second.tensorflow_ms) == (20.0, 5.0)
+    note = tmp_path / "cache" / ("k" * 64 + ".race")
+    note.write_text(note.read_text().replace(litert.cpu_fingerprint(1), "another-cpu"))
+    assert not load().cached and len(races) == 2
+    note.write_text("{not json")
+    assert not load().cached and len(races) == 3
+    assert litert.load_lite(loaded, signature, 1, cache=cache, key="k" * 64).race is None  # not asked
+
+
+def test_cpu_fingerprint_tells_instruction_sets_and_threads_apart(tmp_path: Path) -> None:
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("model name\t: AMD EPYC\nflags\t\t: fpu avx avx2 fma\n")
+    avx512 = tmp_path / "avx512"
+    avx512.write_text("model name\t: AMD EPYC\nflags\t\t: fpu avx avx2 fma avx512f avx512bw\n")
+    assert litert.cpu_fingerprint(2, avx2) == litert.cpu_fingerprint(2, avx2)
+    assert litert.cpu_fingerprint(2, avx2) != litert.cpu_fingerprint(2, avx512)
+    assert litert.cpu_fingerprint(1, avx2) != litert.cpu_fingerprint(2, avx2)
 
 
 def test_compare_names_what_disagrees(tmp_path: Path) -> None:

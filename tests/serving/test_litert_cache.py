@@ -187,10 +187,12 @@ def test_the_least_recently_used_entries_go_beyond_keep(tmp_path: Path) -> None:
     cache = ConversionCache(tmp_path, keep=2)
     for age, key in ((30, "a"), (20, "b")):
         cache.write(key, key.encode())
+        cache.write_note(key, f"race of {key}")
         os.utime(tmp_path / f"{key}.tflite", (time.time() - age, time.time() - age))
     assert cache.read("a") == b"a"  # used now: newer than b
     cache.write("c", b"c")
     assert sorted(p.stem for p in tmp_path.glob("*.tflite")) == ["a", "c"]
+    assert cache.read_note("a") == "race of a" and cache.read_note("b") is None  # gone with its entry
     assert not list(tmp_path.glob("*.tmp"))
 
 
