@@ -5,13 +5,17 @@ with slow clients is drilled in tests/drills/test_slow_clients.py.)"""
 
 from __future__ import annotations
 
+import json
 import re
+import socket
+from urllib.parse import urlparse
 
 import pytest
 
+from loadtest.gateway_process import free_port
 from serving.config import Settings
 from tests.deploy import manifests
-from tests.fixtures.nginx import NGINX_CONF, local_config, nginx_test
+from tests.fixtures.nginx import NGINX_CONF, local_config, nginx_test, running_nginx
 
 K8S_COPY = manifests.K8S_DIR / "nginx" / "nginx.conf"
 COMMAND = ["nginx", "-p", "/tmp/", "-c", "/etc/nginx/gateway/nginx.conf", "-e", "stderr"]
@@ -67,6 +71,48 @@ def test_real_nginx_rejects_a_broken_config() -> None:
     # Guard against a check that passes everything.
     result = nginx_test(local_config(8080, 8000).replace("client_body_timeout 10s;", "client_body_timeout;"))
     assert result.returncode != 0
+
+
+def _exchange(url: str, request: bytes) -> tuple[str, dict[str, str], bytes]:
+    """(status line, headers, body) of nginx's answer to raw `request` bytes."""
+    target = urlparse(url)
+    with socket.create_connection((target.hostname, target.port), timeout=10) as sock:
+        sock.sendall(request)
+        reply = b""
+        while data := sock.recv(65536):  # nginx closes after these refusals
+            reply += data
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return status, headers, body
+
+
+LONG = b"x" * 9000  # over large_client_header_buffers' 8k
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        (b"GET /v1/models?q=" + LONG + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414, "request_line_too_long"),
+        (b"GET /v1/models HTTP/1.1\r\nHost: t\r\nX-Big: " + LONG + b"\r\n\r\n", 431, "headers_too_large"),
+        (b"GET /v1/models HTTP/1.1\r\nHost: t\r\nBroken header line\r\n\r\n", 400, "bad_request"),
+        (b"\x16\x03\x01 not http\r\n\r\n", 400, "bad_request"),  # a TLS hello on the plain port
+    ],
+    ids=["request-line-over-8k", "header-over-8k", "malformed-header", "not-http"],
+)
+def test_requests_nginx_cannot_take_get_the_gateway_error_format(
+    request_bytes: bytes, status: int, code: str
+) -> None:
+    """nginx answers these itself (no gateway behind it is needed): in the API's JSON error shape
+    with a request id, as the gateway's worker does when they reach gunicorn directly."""
+    with running_nginx(free_port()) as url:
+        status_line, headers, body = _exchange(url, request_bytes)
+    assert status_line.split()[1] == str(status), (status_line, body[:200])
+    assert headers["content-type"] == "application/json", headers
+    error = json.loads(body)["error"]
+    assert error["code"] == code and error["message"], error
+    assert re.fullmatch(r"[0-9a-f]{32}", error["request_id"])
+    assert headers["x-request-id"] == error["request_id"]
 
 
 def test_proxy_buffers_whole_requests_with_timeouts_on_every_phase() -> None:
