@@ -330,8 +330,10 @@ def _cpu_budget_lines(budget: dict[str, Any] | None, bare: dict[str, Any]) -> li
         return ["CPU per request: not measured (results written before the benchmark recorded CPU).", ""]
     model = f"{budget['model_best_ms']:.2f} ms per image at its best batch ({bare['batched_best_batch']})"
     if budget.get("model_at_mean_batch_ms") is not None:
-        model = (f"{budget['model_at_mean_batch_ms']:.2f} ms per image at the batch nearest the gateway's "
-                 f"mean of {budget['mean_batch']:.1f}; {model}")  # fmt: skip
+        runtime = budget.get("model_at_mean_batch_runtime")
+        on = f" on {runtime} (the gateway's runtime at that batch)" if runtime else ""
+        model = (f"{budget['model_at_mean_batch_ms']:.2f} ms per image{on} at the batch nearest the "
+                 f"gateway's mean of {budget['mean_batch']:.1f}; {model}")  # fmt: skip
     lines = [
         f"Where the CPU of a request goes at 16 clients (servers and hey share the {budget['cores']} cores):",
         "",

@@ -44,6 +44,7 @@ share the machine, and it says where the time of a request goes (`cpu_budget`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -72,6 +73,7 @@ from benchmarks.machine import describe, load_average
 from benchmarks.worker_startup import measure_startup
 from contract.signatures import CHANNELS, IMAGES_KEY, INPUT_SIZE, PROBABILITIES_KEY, SERVING_DEFAULT
 from loadtest.gateway_process import PROJECT_ROOT, running_gateway
+from serving.backends.litert import LARGE_BATCH_ROWS
 
 DEFAULT_PROFILE = Path("configs/default.yaml")
 CIFAR10_TRAIN_IMAGES = 50_000  # what benchmarks.xla_step.profile_config resolves `auto` against
@@ -437,7 +439,8 @@ def gateway_env(model_base: Path, tfserving_address: str = "") -> dict[str, str]
     }
 
 
-_LARGE_BATCHES = re.compile(r"version \d+: (batches of \d+\+ images run on \w+ \([^)]*\))")
+# "...; timed on this machine before" (a worker that read the race) is left out: the same race.
+_LARGE_BATCHES = re.compile(r"version \d+: (batches of \d+\+ images run on \w+ \([^);]*)[^)]*\)")
 
 
 def measure_gateway(results: dict, model_base: Path, bodies: dict[int, Path], args: argparse.Namespace,
@@ -448,7 +451,7 @@ def measure_gateway(results: dict, model_base: Path, bodies: dict[int, Path], ar
         measure_levels(results, GATEWAY, url, bodies[BATCH_IMAGES], BATCH_IMAGES, GATEWAY_BATCH_CLIENTS, load,
                        server)  # fmt: skip
         # GATEWAY_RUNTIME=auto: which runtime each worker gave large batches, and the race that decided.
-        results["gateway_large_batches"] = sorted(set(_LARGE_BATCHES.findall(gateway.log())))
+        results["gateway_large_batches"] = sorted({f"{m})" for m in _LARGE_BATCHES.findall(gateway.log())})
 
 
 def measure_naive_app(results: dict, run_dir: Path, body: Path, args: argparse.Namespace, load: Load) -> None:
@@ -476,6 +479,12 @@ def _measure_flask_route(results: dict, name: str, app: str, env: dict[str, str]
         measure_levels(results, name, served.url + "/predict", body, 1, clients, load, server)
 
 
+def litserve_runtime(gateway_runtime: str) -> str:
+    """LitServe's runtime beside the gateway's: the one the gateway gives batches of one-image requests
+    (LiteRT under "auto", whose TensorFlow is for batches of 16+ images)."""
+    return "tensorflow" if gateway_runtime == "tensorflow" else "litert"
+
+
 def measure_litserve(results: dict, model_path: Path, body: Path, work: Path, load: Load) -> None:
     """LitServe on the published version (benchmarks/litserve_app.py), its own processes."""
     import socket
@@ -484,7 +493,8 @@ def measure_litserve(results: dict, model_path: Path, body: Path, work: Path, lo
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log_path = work / "litserve.log"
-    arguments = [*LITSERVE_ARGS, "--runtime", results["settings"].get("gateway_runtime", "litert")]
+    runtime = litserve_runtime(results["settings"].get("gateway_runtime", "auto"))
+    arguments = [*LITSERVE_ARGS, "--runtime", runtime]
     command = [sys.executable, "-m", "benchmarks.litserve_app", "--model", str(model_path),
                "--port", str(port), *arguments]  # fmt: skip
     with log_path.open("w") as log:
@@ -503,7 +513,8 @@ def measure_litserve(results: dict, model_path: Path, body: Path, work: Path, lo
         server = Server([psutil.Process(process.pid)])
         measure_levels(results, LITSERVE, url + "/predict", body, 1, LITSERVE_CLIENTS, load, server)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)  # LitServe's API server and inference workers
+        with contextlib.suppress(ProcessLookupError):  # it may have exited (a bad argument)
+            os.killpg(process.pid, signal.SIGTERM)  # LitServe's API server and inference workers
         try:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
@@ -590,6 +601,16 @@ def add_ratios(results: dict) -> None:
         r["vs_litserve"] = r["rps"] / lit["rps"] if lit and lit["rps"] > 0 else None
 
 
+def gateway_runtime_at(results: dict, batch: float) -> str:
+    """The runtime the gateway ran batches of `batch` images on: LiteRT under "auto" and "litert",
+    TensorFlow for batches of LARGE_BATCH_ROWS+ where its workers' race chose it."""
+    chosen = results.get("settings", {}).get("gateway_runtime", "tensorflow")
+    if chosen == "tensorflow":
+        return "tensorflow"
+    large = any("run on TensorFlow" in line for line in results.get("gateway_large_batches") or [])
+    return "tensorflow" if chosen == "auto" and large and batch >= LARGE_BATCH_ROWS else "litert"
+
+
 def cpu_budget(results: dict) -> dict[str, Any] | None:
     """Where a request's CPU goes at 16 clients, beside what the 70% target allows: on this machine's
     cores, TARGET_BARE_FRACTION of the bare model's batched images/s leaves `allowed_ms` of CPU per
@@ -601,7 +622,9 @@ def cpu_budget(results: dict) -> dict[str, Any] | None:
     if not g16 or g16.get("server_cpu_ms_per_request") is None or model_best is None or not cores:
         return None
     mean_batch = g16.get("mean_batch")
-    model_at_batch = bare_cpu_at(bare, mean_batch) if mean_batch else None
+    runtime = gateway_runtime_at(results, mean_batch or 1)
+    on_runtime = next((r for r in bare.get("runtimes", []) if r.get("runtime") == runtime), bare)
+    model_at_batch = bare_cpu_at(on_runtime, mean_batch) if mean_batch else None
     allowed = cores * 1000 / (TARGET_BARE_FRACTION * bare["batched_images_per_s"])
     client = g16["client_cpu_ms_per_request"] or 0.0
     gateway = g16["server_cpu_ms_per_request"]
@@ -617,6 +640,7 @@ def cpu_budget(results: dict) -> dict[str, Any] | None:
         "model_best_ms": model_best,  # bare model CPU ms per image at its best batch
         "mean_batch": mean_batch,  # images per model call in the gateway at 16 clients
         "model_at_mean_batch_ms": model_at_batch,  # bare CPU ms per image at the nearest measured batch
+        "model_at_mean_batch_runtime": on_runtime.get("runtime", runtime),  # the gateway's at that batch
         "gateway_ms": gateway,  # the gateway's processes, CPU ms per request
         "client_ms": client,  # hey, CPU ms per request
         "gateway_beside_model_ms": gateway - (model_at_batch if model_at_batch is not None else model_best),

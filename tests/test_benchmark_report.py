@@ -291,7 +291,8 @@ def test_serving_cpu_per_request_and_the_budget_of_the_70_percent_target(full_re
     # best batch (4.0) and hey (0.5): 2.64. The mean batch of 5 is nearest the measured batch 8 (4.5 ms
     # per image), so the gateway spends 7.0 - 4.5 = 2.50 ms beside the model.
     assert "- the gateway's processes: 7.00 ms per request; hey: 0.50 ms\n" in body
-    assert "- the bare model: 4.50 ms per image at the batch nearest the gateway's mean of 5.0; 4.00" in body
+    assert ("- the bare model: 4.50 ms per image on litert (the gateway's runtime at that batch) at the "
+            "batch nearest the gateway's mean of 5.0; 4.00") in body
     assert "- so the gateway spends about 2.50 ms per request beside the model" in body
     assert "allows 7.14 ms per request in all on these cores: 2.64 ms beside the model" in body
     # The naive app: 120 + 0.5 ms per request; 15x its req/s leaves 120.5 / 15 - 0.5 = 7.53 ms.
@@ -619,3 +620,34 @@ def test_the_machine_line_names_the_vector_instructions(tmp_path: Path) -> None:
     assert vector_isa(tmp_path / "missing") == ""
     text = report.machine_text(_machine(vector_isa="AVX-512"))
     assert text.startswith("2 CPU cores (Test CPU, AVX-512)")
+
+
+def test_the_model_beside_the_gateway_is_timed_on_the_runtime_the_gateway_used() -> None:
+    """Where TensorFlow is the bare limit (AVX-512) but the gateway's small batches ran on LiteRT, the
+    CPU the gateway spends beside the model is reckoned with LiteRT's figure at that batch."""
+    from benchmarks import serving_latency as bench
+
+    lite = {"runtime": "litert", **bench.bare_summary([
+        {"batch": 1, "calls": 50, "median_ms": 1.6, "images_per_s": 630.0, "cpu_ms_per_image": 3.1},
+        {"batch": 4, "calls": 50, "median_ms": 6.1, "images_per_s": 650.0, "cpu_ms_per_image": 3.0},
+        {"batch": 64, "calls": 10, "median_ms": 100.0, "images_per_s": 640.0, "cpu_ms_per_image": 3.1},
+    ])}  # fmt: skip
+    on_tf = {"runtime": "tensorflow", **bench.bare_summary([
+        {"batch": 1, "calls": 50, "median_ms": 2.2, "images_per_s": 450.0, "cpu_ms_per_image": 4.0},
+        {"batch": 4, "calls": 50, "median_ms": 7.4, "images_per_s": 540.0, "cpu_ms_per_image": 3.4},
+        {"batch": 64, "calls": 10, "median_ms": 85.0, "images_per_s": 750.0, "cpu_ms_per_image": 2.6},
+    ])}  # fmt: skip
+    g16 = {"app": bench.GATEWAY, "images_per_request": 1, "clients": 16, "mean_batch": 4.0,
+           "server_cpu_ms_per_request": 4.5, "client_cpu_ms_per_request": 0.2}  # fmt: skip
+    results = {"machine": {"cpu_count": 2}, "settings": {"gateway_runtime": "auto"},
+               "gateway_large_batches": ["batches of 16+ images run on TensorFlow (a batch of 32: ...)"],
+               "bare_model": {**on_tf, "runtimes": [on_tf, lite]}, "runs": [g16]}  # fmt: skip
+    budget = bench.cpu_budget(results)
+    assert budget["model_at_mean_batch_runtime"] == "litert" and budget["model_at_mean_batch_ms"] == 3.0
+    assert abs(budget["gateway_beside_model_ms"] - 1.5) < 1e-9
+    assert bench.gateway_runtime_at(results, 64) == "tensorflow"  # what the race gave large batches
+    results["gateway_large_batches"] = ["batches of 16+ images run on LiteRT (a batch of 32: ...)"]
+    assert bench.gateway_runtime_at(results, 64) == "litert"
+    results["settings"]["gateway_runtime"] = "tensorflow"
+    assert bench.gateway_runtime_at(results, 4) == "tensorflow"
+    assert bench.cpu_budget(results)["model_at_mean_batch_ms"] == 3.4

@@ -24,3 +24,10 @@ def test_the_bare_limit_is_the_faster_of_tensorflow_and_litert(tmp_path: Path) -
     assert bare["runtime"] == fastest["runtime"]
     assert bare["batched_images_per_s"] == fastest["batched_images_per_s"]
     assert bare["batch1_ms"] == fastest["batch1_ms"]
+
+
+def test_litserve_runs_the_runtime_the_gateway_gives_one_image_requests() -> None:
+    from benchmarks.serving_latency import litserve_runtime
+
+    assert litserve_runtime("auto") == "litert" and litserve_runtime("litert") == "litert"
+    assert litserve_runtime("tensorflow") == "tensorflow"
