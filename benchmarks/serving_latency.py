@@ -479,12 +479,6 @@ def _measure_flask_route(results: dict, name: str, app: str, env: dict[str, str]
         measure_levels(results, name, served.url + "/predict", body, 1, clients, load, server)
 
 
-def litserve_runtime(gateway_runtime: str) -> str:
-    """LitServe's runtime beside the gateway's: the one the gateway gives batches of one-image requests
-    (LiteRT under "auto", whose TensorFlow is for batches of 16+ images)."""
-    return "tensorflow" if gateway_runtime == "tensorflow" else "litert"
-
-
 def measure_litserve(results: dict, model_path: Path, body: Path, work: Path, load: Load) -> None:
     """LitServe on the published version (benchmarks/litserve_app.py), its own processes."""
     import socket
@@ -493,8 +487,8 @@ def measure_litserve(results: dict, model_path: Path, body: Path, work: Path, lo
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log_path = work / "litserve.log"
-    runtime = litserve_runtime(results["settings"].get("gateway_runtime", "auto"))
-    arguments = [*LITSERVE_ARGS, "--runtime", runtime]
+    # The runtime the gateway gives batches of one-image requests (LiteRT under "auto").
+    arguments = [*LITSERVE_ARGS, "--runtime", gateway_runtime_at(results, 1)]
     command = [sys.executable, "-m", "benchmarks.litserve_app", "--model", str(model_path),
                "--port", str(port), *arguments]  # fmt: skip
     with log_path.open("w") as log:

@@ -211,7 +211,7 @@ class Settings:
                 lambda raw: raw.lower(),
                 d.runtime,
                 "auto (the default: LiteRT where a version converts, TensorFlow for large batches where "
-                "it measured faster at load), litert (LiteRT only) or tensorflow",
+                "it measured cheaper at load), litert (LiteRT only) or tensorflow",
                 lambda v: v in RUNTIMES,
             ),
             model_threads=read(

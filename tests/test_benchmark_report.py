@@ -114,7 +114,8 @@ def serving_json() -> dict[str, Any]:
                      "litserve": "--workers 1 --max-batch-size 64 --batch-timeout-s 0.005",
                      "gateway_runtime": "auto"},
         "gateway_large_batches": [
-            "batches of 16+ images run on TensorFlow (a batch of 32: TensorFlow 42.1 ms, LiteRT 50.3 ms)"
+            "batches of 16+ images run on TensorFlow (a batch of 32: TensorFlow 42.1 ms of CPU, "
+            "LiteRT 50.3 ms)"
         ],
         "model": {"profile": "configs/default.yaml", "arch": "bn_cnn", "width": 64, "params": 1_150_666,
                   "num_train": 50_000, "weights": "untrained (seed 0)"},
@@ -249,8 +250,8 @@ def test_serving_section_names_the_model_and_the_bare_limits(full_results: Path)
     assert "hey (/usr/bin/hey), closed loop" in body
     assert "quick" not in body.lower()
     # What runtime auto gave large batches on this machine, and the timing that decided it.
-    assert ("runtime auto: batches of 16+ images run on TensorFlow (a batch of 32: TensorFlow 42.1 ms, "
-            "LiteRT 50.3 ms)") in body.replace("\n", " ")
+    assert ("runtime auto: batches of 16+ images run on TensorFlow (a batch of 32: TensorFlow 42.1 ms of "
+            "CPU, LiteRT 50.3 ms)") in body.replace("\n", " ")
 
 
 def test_serving_rows_show_fraction_of_bare_ratio_to_naive_and_errors(full_results: Path) -> None:

@@ -82,7 +82,7 @@ class LoadedModel:
     # None: they run on `signature` (GATEWAY_RUNTIME=tensorflow, or the version did not convert).
     lite: LiteSignature | None = None
     # Batches of at least this many rows run on `signature` even with `lite` set: TensorFlow was
-    # the faster of the two on a large batch at load (GATEWAY_RUNTIME=auto, litert.race). None: never.
+    # the cheaper of the two (CPU) on a large batch at load (GATEWAY_RUNTIME=auto, litert.race). None: never.
     tensorflow_from_rows: int | None = None
 
     @property
@@ -125,7 +125,7 @@ def load_version(
     """Load one version and run it once, so the first request does not pay for tracing; with
     runtime "litert" or "auto", also its LiteRT conversion when that converts and agrees (litert.py),
     read from `litert_cache` when a worker on this machine converted it before (litert_cache.py);
-    with "auto", large batches go to whichever runtime was faster on one here (litert.race)."""
+    with "auto", large batches go to whichever runtime ran one on less CPU here (litert.race)."""
     import tensorflow as tf  # imported here so the gateway's TF Serving mode need not load it eagerly
 
     path = model_dir / str(version)
@@ -169,7 +169,7 @@ def load_version(
             if timed.tensorflow_wins:
                 tensorflow_from_rows = LARGE_BATCH_ROWS
             log.info(
-                "version %s: batches of %d+ images run on %s (a batch of %d: TensorFlow %.1f ms, "
+                "version %s: batches of %d+ images run on %s (a batch of %d: TensorFlow %.1f ms of CPU, "
                 "LiteRT %.1f ms%s)",
                 version,
                 LARGE_BATCH_ROWS,
@@ -213,7 +213,7 @@ class EmbeddedBackend:
         self.signature_name = signature_name
         self.deadline_s = deadline_s
         # "auto" (LiteRT where a version converts, TensorFlow for large batches where it measured
-        # faster), "litert" (LiteRT where a version converts) or "tensorflow".
+        # cheaper), "litert" (LiteRT where a version converts) or "tensorflow".
         self.runtime = runtime
         self.model_threads = model_threads  # LiteRT's threads per model; None: litert.default_threads()
         # Conversions shared by this machine's workers and kept across restarts (None: not cached).
