@@ -356,7 +356,8 @@ def _cpu_budget_lines(budget: dict[str, Any] | None, bare: dict[str, Any]) -> li
             f"- the lean app (a Flask route that only decodes the upload and calls the same LiteRT model, "
             f"benchmarks/lean_flask.py) spends {budget['lean_ms']:.2f} ms per request and reaches "
             f"{budget['lean_fraction_of_bare']:.0%} of bare, {_opt(budget['lean_vs_naive'], '.1f')}x the "
-            "naive app: the floor of a Flask app under gunicorn on these cores; the gateway, with its "
+            "naive app: the least work per upload of a Flask app under gunicorn (no batching, so no strict "
+            "bound); the gateway, with its "
             f"batching, limits, metrics and trust fields, answers {_opt(budget['gateway_vs_lean'], '.2f')}x "
             "its req/s"
         )

@@ -24,7 +24,7 @@ One run, one machine, in this order:
    own process, the same SavedModel) at 1 and 16 clients.
 7. The lean app (benchmarks/lean_flask.py: a Flask route that only decodes the upload and runs the
    same LiteRT conversion on it, single-threaded) under the same gunicorn settings at 1 and 16
-   clients: the floor of any Flask-under-gunicorn server of this model on this machine, which says
+   clients: the least work per upload of a Flask-under-gunicorn server of this model, which says
    what the gateway's batching, limits, metrics and trust fields cost, and whether a target is within
    reach of an app built this way.
 
