@@ -231,16 +231,17 @@ def _converted(
 def _raced(lite: LiteSignature, signature: Any, store: ConversionCache | None, key: str) -> Race:
     """The race of this version on this CPU with these threads: from the cache's note when one was
     run here before (by another worker, or before a restart), else run now and noted."""
+    if store is None:  # nowhere to keep it: every worker races
+        return race(lite, signature)
     machine = cpu_fingerprint(lite.num_threads)
-    if store and (note := store.read_note(key)):
+    if note := store.read_note(key):
         with contextlib.suppress(ValueError, KeyError, TypeError):
             kept = json.loads(note)
             if kept["machine"] == machine:
                 return Race(float(kept["litert_ms"]), float(kept["tensorflow_ms"]), cached=True)
     timed = race(lite, signature)
-    if store:
-        store.write_note(key, json.dumps({"machine": machine, "litert_ms": timed.litert_ms,
-                                          "tensorflow_ms": timed.tensorflow_ms}))  # fmt: skip
+    store.write_note(key, json.dumps({"machine": machine, "litert_ms": timed.litert_ms,
+                                      "tensorflow_ms": timed.tensorflow_ms}))  # fmt: skip
     return timed
 
 
@@ -264,7 +265,7 @@ def _litert_version() -> str:
         from importlib.metadata import version
 
         return f"ai-edge-litert {version('ai-edge-litert')}"
-    except Exception:  # not installed as a distribution: the race is then just run again
+    except Exception:  # not installed as a distribution: the fingerprint then leaves its version out
         return "ai-edge-litert unknown"
 
 
