@@ -27,6 +27,10 @@ One run, one machine, in this order:
    clients: the least work per upload of a Flask-under-gunicorn server of this model, which says
    what the gateway's batching, limits, metrics and trust fields cost, and whether a target is within
    reach of an app built this way.
+8. The same route with no model (lean_flask's model=False: parse, decode, resize, a fixed answer) at
+   16 clients: the CPU per request that HTTP and Flask take before any model runs, which with the
+   bare model's and hey's says what a target leaves for the gateway's own work (`cpu_budget`). Not a
+   row of the table: it serves no model.
 
 Latencies and status codes are hey's per-request CSV (-o csv); requests started in the first
 --warmup seconds of each level are not counted. The targets of issue 14 are computed from the figures.
@@ -91,10 +95,12 @@ NAIVE_CLIENTS = (1, 16, 64)
 LITSERVE_CLIENTS = (1, 16, 64)
 TFSERVING_CLIENTS = (1, 16)
 LEAN_CLIENTS = (1, 16)
+NO_MODEL_CLIENTS = 16
 BATCH_IMAGES = 64
 
 GATEWAY, NAIVE, TFSERVING, LITSERVE = "gateway", "naive", "gateway + TF Serving double", "LitServe"
 LEAN = "lean Flask + LiteRT"
+NO_MODEL = "Flask route, no model"
 
 # Issue 14's targets, checked in check_targets().
 TARGET_NAIVE_RATIO = 15.0  # 16 clients: gateway req/s over the naive app's
@@ -468,6 +474,17 @@ def measure_lean_app(
                          args, load)  # fmt: skip
 
 
+def measure_no_model_route(
+    results: dict, model_path: Path, body: Path, args: argparse.Namespace, load: Load
+) -> None:
+    """The lean app's route without its model call, at NO_MODEL_CLIENTS: kept as results["no_model"],
+    outside the table's runs (a fraction of the bare model means nothing for it)."""
+    scratch: dict[str, list] = {"runs": []}
+    app, env = "benchmarks.lean_flask:create_app(model=False)", {"LEAN_MODEL_DIR": str(model_path)}
+    _measure_flask_route(scratch, NO_MODEL, app, env, body, (NO_MODEL_CLIENTS,), args, load)
+    results["no_model"] = scratch["runs"][0]
+
+
 def _measure_flask_route(results: dict, name: str, app: str, env: dict[str, str], body: Path,
                          clients: tuple[int, ...], args: argparse.Namespace, load: Load) -> None:  # fmt: skip
     """A one-route Flask app (POST /predict) under the gateway's gunicorn settings, one image per request."""
@@ -643,6 +660,21 @@ def cpu_budget(results: dict) -> dict[str, Any] | None:
         "naive_ms": naive,  # the naive app's processes and hey, CPU ms per request at 16 clients
         "allowed_for_naive_ratio_ms": naive / TARGET_NAIVE_RATIO - client if naive is not None else None,
         **_lean_figures(results, g16),
+        **_no_model_figures(results, allowed - model_best - client),
+    }
+
+
+def _no_model_figures(results: dict, allowed_beside_model: float) -> dict[str, Any]:
+    """The Flask route with no model: its CPU per request, and what the 70% target then leaves for
+    the gateway's own work (batching, limits, metrics, trust fields) beside the model and hey.
+    Empty when it was not run."""
+    row = results.get("no_model")
+    if not row or row.get("server_cpu_ms_per_request") is None:
+        return {}
+    return {
+        "no_model_ms": row["server_cpu_ms_per_request"],
+        "no_model_rps": row["rps"],
+        "allowed_beside_http_ms": allowed_beside_model - row["server_cpu_ms_per_request"],
     }
 
 
@@ -782,6 +814,10 @@ def print_summary(results: dict) -> None:
             print(f"lean app at 16 clients: {budget['lean_rps']:.1f} req/s, {budget['lean_ms']:.2f} ms CPU "
                   f"per request, {budget['lean_fraction_of_bare']:.0%} of bare; gateway "
                   f"{budget['gateway_vs_lean']:.2f}x its req/s")  # fmt: skip
+        if budget.get("no_model_ms") is not None:
+            print(f"Flask route with no model at 16 clients: {budget['no_model_ms']:.2f} ms CPU per request; "
+                  f"the 70% target leaves {budget['allowed_beside_http_ms']:.2f} ms beside it, the model "
+                  "and hey")  # fmt: skip
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -818,7 +854,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         choices=["naive", "litserve", "tfserving", "startup", "lean"],
         help="leave out the naive app, LitServe, the TF Serving double run, the start-up timing or the "
-        "lean app",
+        "lean app (and its route with no model)",
     )
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -881,6 +917,7 @@ def main(argv: list[str] | None = None) -> int:
             measure_tfserving(results, work / "models", bodies[1], work, args, load)
         if "lean" not in args.skip:
             measure_lean_app(results, model_path, bodies[1], args, load)
+            measure_no_model_route(results, model_path, bodies[1], args, load)
     results["machine"]["load_average_1m_end"] = load_average()
     results["wall_s"] = round(time.monotonic() - started, 1)
     add_ratios(results)

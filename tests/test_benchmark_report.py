@@ -129,6 +129,9 @@ def serving_json() -> dict[str, Any]:
     results["runs"][1].update(server_cpu_ms_per_request=7.0, client_cpu_ms_per_request=0.5, mean_batch=5.0)
     results["runs"][4].update(server_cpu_ms_per_request=120.0, client_cpu_ms_per_request=0.5)  # naive, 16
     results["runs"][7].update(server_cpu_ms_per_request=6.5, client_cpu_ms_per_request=0.5)  # lean, 16
+    # The lean route with no model, 16 clients: 1.2 ms per request, outside the table's runs.
+    results["no_model"] = {**run(bench.NO_MODEL, 1, 16, 1500.0), "server_cpu_ms_per_request": 1.2,
+                           "client_cpu_ms_per_request": 0.3}  # fmt: skip
     bench.add_ratios(results)
     results["targets"] = bench.check_targets(results)
     results["cpu_budget"] = bench.cpu_budget(results)
@@ -303,18 +306,25 @@ def test_serving_cpu_per_request_and_the_budget_of_the_70_percent_target(full_re
     # app; the gateway's 300 req/s are 0.94x its.
     assert "benchmarks/lean_flask.py) spends 6.50 ms per request and reaches 80% of bare, 21.3x the" in body
     assert "answers 0.94x its req/s" in body
+    # The route with no model: 1.2 ms; the 2.64 ms beside the model less that leaves 1.44 for what the
+    # gateway adds, on which it spends 2.50 - 1.2 = 1.30.
+    assert "a fixed answer) spends 1.20 ms per request (1500 req/s): HTTP and Flask" in body
+    assert "the 70% target leaves 1.44 ms per request for everything the gateway adds" in body
+    assert "the gateway spends 1.30 ms on them" in body
+    assert "Flask route, no model" not in body.split("| target (issue 14)")[0]  # no row in the table
 
 
-def test_the_lean_app_line_is_left_out_when_it_was_not_run(tmp_path: Path) -> None:
+def test_the_lean_app_lines_are_left_out_when_it_was_not_run(tmp_path: Path) -> None:
     from benchmarks import serving_latency as bench
 
     data = serving_json()
     data["runs"] = [r for r in data["runs"] if r["app"] != bench.LEAN]  # --skip lean
+    del data["no_model"]  # its route with no model is skipped with it
     data["cpu_budget"] = bench.cpu_budget(data)
     write(tmp_path, "serving_latency.json", data)
     body = section(report.render(tmp_path, now=NOW), "## Serving latency")
     assert "the naive app spends 120.50 ms per request" in body
-    assert "lean_flask" not in body.split("| app |")[1]  # the line after the budget, not the intro
+    assert "lean_flask" not in body.split("| app |")[1]  # the lines after the budget, not the intro
 
 
 def test_start_up_with_the_conversion_cache_off_cold_and_warm(full_results: Path, tmp_path: Path) -> None:
