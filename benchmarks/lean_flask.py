@@ -1,7 +1,7 @@
 """The leanest Flask app on the gateway's runtime: the least work per upload of a Flask-under-gunicorn
 design on this machine, measured beside the gateway in benchmarks/serving_latency.py. Not a strict
-bound: it calls the model once per image, so the gateway's batches can match or beat it (1.11x its
-req/s at 16 clients in one run, 0.96x in another).
+bound: it calls the model once per image, so the gateway's batches can match or beat it (1.05x-1.11x
+its req/s at 16 clients in the last runs, 0.96x in an earlier one: docs/benchmarks.md).
 
 One route that decodes the upload (Pillow, RGB, bilinear resize to 32x32, as the gateway and LitServe
 do) and runs the published version's LiteRT conversion (made and checked as the gateway makes it,
