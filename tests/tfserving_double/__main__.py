@@ -15,7 +15,6 @@ import threading
 from pathlib import Path
 
 from tests.tfserving_double.server import TFServingDouble
-from tests.tfserving_double.ssl_config import tls_options
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -34,9 +33,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--allow-version-labels-for-unavailable-models",
         action="store_true",
         help="as the server flag: a new label may name a version that is not loaded yet",
-    )
-    parser.add_argument(
-        "--ssl-config-file", type=Path, help="as the server's --ssl_config_file: serve gRPC over TLS"
     )
     parser.add_argument("--delay", type=float, default=0.0, help="seconds every RPC waits before answering")
     parser.add_argument("--control", type=Path, help="JSON file with 'down' and 'delay', re-read on change")
@@ -71,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
         all_versions=args.all_versions,
         model_config=args.model_config_file,
         allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
-        **(tls_options(args.ssl_config_file) if args.ssl_config_file else {}),
     )
     double.set_delay(args.delay)
     stop = threading.Event()
