@@ -67,8 +67,11 @@ def open_image(data: bytes, *, filename: str, max_pixels: int) -> Image.Image:
     try:
         # open() reads only the header; pixels are decoded by load() in decode_opened, after the
         # size checks. Pillow's own bomb guard warns (or raises) on huge images; our limit applies.
+        # A garbled EXIF block warns here too ("Corrupt EXIF data"): handled, it means orientation 1
+        # (contract/preprocess.py upright), so it is no news for the server's stderr.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
         raise _too_many_pixels(filename, None, max_pixels) from None
