@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_FILE = Path(__file__).parent / "kserve-v1beta1.schema.json"
-KUBERNETES_SCHEMA_DIR = "v1.33.0-local-strict"  # the version test_k8s_schema.py validates against
+KUBERNETES_SCHEMA_DIR = "v1.33.0-local-strict"  # manifests.KUBERNETES_VERSION (test_kserve checks they agree)
 K8S_DEFS_ID = "https://kubernetes.io/api/_definitions.json"  # the $id of kubernetes-validate's file
 ROOT_TYPE = "V1beta1InferenceService"
 

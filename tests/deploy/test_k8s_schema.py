@@ -15,7 +15,6 @@ from tests.deploy import manifests
 
 # The oldest Kubernetes the manifests promise to work on: CronJob timeZone, podFailurePolicy,
 # the batch.kubernetes.io/job-name label and autoscaling/v2 are all GA by 1.33.
-KUBERNETES_VERSION = "1.33.0"
 
 EXPECTED = {
     ("Namespace", "cifar10"),
@@ -52,7 +51,7 @@ def _schema_problems(docs: list[dict]) -> list[str]:
     problems = []
     for doc in docs:
         try:
-            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+            kubernetes_validate.validate(doc, manifests.KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as e:
             problems.append(f"{_id(doc)}: {'.'.join(map(str, e.path))}: {e.message}")
         except SchemaNotFoundError as e:
@@ -102,7 +101,7 @@ def test_the_validator_rejects_a_misspelt_field(docs: list[dict]) -> None:
     deployment = manifests.find(docs, "Deployment", "gateway")
     broken = {**deployment, "spec": {**deployment["spec"], "replica": 3}}
     with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+        kubernetes_validate.validate(broken, manifests.KUBERNETES_VERSION, strict=True)
 
 
 def test_namespaced_documents_land_in_the_namespace(docs: list[dict]) -> None:

@@ -25,15 +25,10 @@ from tests.deploy import manifests
 
 OVERLAY = manifests.ROOT / "deploy" / "tls"
 CERT_MANAGER = "cert-manager.io/v1"
-KUBERNETES_VERSION = "1.33.0"  # as tests/deploy/test_k8s_schema.py
 SECRET_KEYS = ("tls.key", "tls.crt", "ca.crt")  # what cert-manager writes in a Certificate's Secret
 TLS_VARIABLES = ("GATEWAY_TFSERVING_TLS_CA", "GATEWAY_TFSERVING_TLS_CERT", "GATEWAY_TFSERVING_TLS_KEY")
 
-pytestmark = pytest.mark.skipif(
-    manifests.kubectl() is None,
-    reason="kubectl (with built-in kustomize) is not installed: the TLS variant is a kustomize "
-    "component, which the fallback renderer in tests/deploy/manifests.py does not implement",
-)
+pytestmark = manifests.needs_kubectl("the TLS variant")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +76,7 @@ def test_core_objects_pass_the_strict_schema(docs: list[dict]) -> None:
         if doc["apiVersion"] == CERT_MANAGER:
             continue  # a CRD: no bundled schema (module docstring)
         try:
-            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+            kubernetes_validate.validate(doc, manifests.KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as e:
             where = ".".join(map(str, e.path))
             problems.append(f"{doc['kind']}/{doc['metadata']['name']}: {where}: {e.message}")

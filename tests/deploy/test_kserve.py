@@ -22,7 +22,6 @@ from tests.deploy import kserve_schema, manifests
 
 OVERLAY = manifests.ROOT / "deploy" / "kserve"
 COMPONENT = manifests.K8S_DIR / "kserve"
-KUBERNETES_VERSION = "1.33.0"  # as tests/deploy/test_k8s_schema.py
 # KServe's kserve-tensorflow-serving runtime (config/runtimes in KServe) starts tensorflow_model_server
 # with --port=9000 (gRPC) --rest_api_port=8080 --model_base_path=/mnt/models: fixed by the runtime,
 # so the manifests can only agree with them.
@@ -31,11 +30,7 @@ RUNTIME_GRPC_PORT = 9000
 RUNTIME_REST_PORT = 8080
 KSERVE_MOUNT = "/mnt/models"
 
-pytestmark = pytest.mark.skipif(
-    manifests.kubectl() is None,
-    reason="kubectl (with built-in kustomize) is not installed: the KServe variant is a kustomize "
-    "component, which the fallback renderer in tests/deploy/manifests.py does not implement",
-)
+pytestmark = manifests.needs_kubectl("the KServe variant")
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +107,7 @@ def test_core_objects_pass_the_strict_kubernetes_schema(docs: list[dict]) -> Non
         if doc["kind"] == "InferenceService":
             continue  # not a Kubernetes type: the next test checks it against KServe's
         try:
-            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+            kubernetes_validate.validate(doc, manifests.KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as e:
             problems.append(
                 f"{doc['kind']}/{doc['metadata']['name']}: {'.'.join(map(str, e.path))}: {e.message}"
@@ -181,7 +176,7 @@ def test_the_vendored_schema_knows_the_fields_this_deployment_relies_on() -> Non
     assert defs["V1beta1PredictorSpec"]["properties"]["canaryTrafficPercent"] == {"type": "integer"}
     model = defs["V1beta1ModelSpec"]["properties"]
     assert {"modelFormat", "runtime", "protocolVersion", "storageUri", "args", "ports", "image"} <= set(model)
-    assert schema["x-kubernetes-schema"] == f"v{KUBERNETES_VERSION}-local-strict"
+    assert schema["x-kubernetes-schema"] == f"v{manifests.KUBERNETES_VERSION}-local-strict"
     assert (kserve_schema.SCHEMA_FILE.with_suffix(".NOTICE")).is_file(), "the schema's licence notice"
 
 
