@@ -363,13 +363,13 @@ def _cpu_budget_lines(budget: dict[str, Any] | None, bare: dict[str, Any]) -> li
         )
     if budget.get("no_model_ms") is not None:
         lines.append(
-            f"- the same route with no model (benchmarks/lean_flask.py, model=False: parse, decode, resize, "
+            "- the same route with no model (benchmarks/lean_flask.py, model=False: parse, decode, resize, "
             f"a fixed answer) spends {budget['no_model_ms']:.2f} ms per request "
-            f"({budget['no_model_rps']:.0f} req/s): HTTP and Flask before any model runs. With it, the model "
-            "at its best batch and hey, the "
-            f"70% target leaves {budget['allowed_beside_http_ms']:.2f} ms per request for everything the "
-            "gateway adds (batching, limits, deadlines, request ids, metrics, drift, trust fields); the "
-            f"gateway spends {budget['gateway_beside_model_ms'] - budget['no_model_ms']:.2f} ms on them"
+            f"({budget['no_model_rps']:.0f} req/s): HTTP and Flask before any model runs. With it, the "
+            "model at its best batch and hey, the 70% target leaves "
+            f"{budget['allowed_beside_http_ms']:.2f} ms per request for everything the gateway adds "
+            "(batching, limits, deadlines, request ids, metrics, drift, trust fields); the gateway spends "
+            f"{budget['gateway_beside_model_ms'] - budget['no_model_ms']:.2f} ms on them"
         )
     return [*lines, ""]
 
