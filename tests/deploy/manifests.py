@@ -126,6 +126,11 @@ def containers(doc: dict) -> Iterator[dict]:
         yield from spec.get("containers", [])
 
 
+def container(docs: list[dict], workload: str, name: str, kind: str = "Deployment") -> dict:
+    """The container or init container `name` of the workload `kind`/`workload`."""
+    return next(c for c in containers(find(docs, kind, workload)) if c["name"] == name)
+
+
 def find(docs: list[dict], kind: str, name: str) -> dict:
     for doc in docs:
         if doc["kind"] == kind and (doc["metadata"]["name"] == name):

@@ -44,10 +44,6 @@ def _spec(docs: list[dict], name: str) -> dict:
     return manifests.pod_spec(manifests.find(docs, "Deployment", name))
 
 
-def _container(spec: dict, name: str, key: str = "containers") -> dict:
-    return next(c for c in spec.get(key, []) if c["name"] == name)
-
-
 def _mount_of(container: dict, volume: str) -> PurePosixPath:
     return PurePosixPath(next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == volume))
 
@@ -101,7 +97,8 @@ def test_tfserving_mounts_its_server_certificate_and_serves_the_config_the_init_
 ) -> None:
     certificates, spec = _by_kind(docs, "Certificate"), _spec(docs, "tfserving")
     server = next(c for c in certificates.values() if "server auth" in c["spec"].get("usages", []))
-    init, main = _container(spec, "ssl-config", "initContainers"), _container(spec, "tfserving")
+    init = manifests.container(docs, "tfserving", "ssl-config")
+    main = manifests.container(docs, "tfserving", "tfserving")
     tls_volume = _volume_of_secret(spec, server["spec"]["secretName"])
     env = manifests.env_of(init)
     assert PurePosixPath(env["CERT_DIR"]) == _mount_of(init, tls_volume)
@@ -114,7 +111,7 @@ def test_tfserving_mounts_its_server_certificate_and_serves_the_config_the_init_
     ssl_volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
     assert ssl_volume["emptyDir"]["medium"] == "Memory", "the private key must not land on the node's disk"
     # The gateway dials the address its certificate names; probes stay on the plaintext REST port.
-    gateway_env = manifests.env_of(_container(_spec(docs, "gateway"), "gateway"))
+    gateway_env = manifests.env_of(manifests.container(docs, "gateway", "gateway"))
     host = gateway_env["GATEWAY_TFSERVING_ADDRESS"].rsplit(":", 1)[0]
     assert host in server["spec"]["dnsNames"]
     assert main["livenessProbe"]["tcpSocket"] == {"port": "grpc"}  # a TCP connect: no TLS handshake
@@ -124,7 +121,7 @@ def test_tfserving_mounts_its_server_certificate_and_serves_the_config_the_init_
 def test_the_gateway_presents_its_client_certificate(docs: list[dict]) -> None:
     certificates, spec = _by_kind(docs, "Certificate"), _spec(docs, "gateway")
     client = next(c for c in certificates.values() if "client auth" in c["spec"].get("usages", []))
-    gateway = _container(spec, "gateway")
+    gateway = manifests.container(docs, "gateway", "gateway")
     volume = _volume_of_secret(spec, client["spec"]["secretName"])
     env = manifests.env_of(gateway)
     paths = [PurePosixPath(env[name]) for name in TLS_VARIABLES]
@@ -133,12 +130,12 @@ def test_the_gateway_presents_its_client_certificate(docs: list[dict]) -> None:
 
 
 def test_the_init_container_is_locked_down_like_every_other(docs: list[dict]) -> None:
-    init = _container(_spec(docs, "tfserving"), "ssl-config", "initContainers")
+    init = manifests.container(docs, "tfserving", "ssl-config")
     assert init["resources"]["requests"] == init["resources"]["limits"]
     security = init["securityContext"]
     assert security["runAsNonRoot"] and security["readOnlyRootFilesystem"]
     assert security["allowPrivilegeEscalation"] is False and security["capabilities"]["drop"] == ["ALL"]
-    assert init["image"] == _container(_spec(docs, "tfserving"), "tfserving")["image"]  # one pinned tag
+    assert init["image"] == manifests.container(docs, "tfserving", "tfserving")["image"]  # one pinned tag
 
 
 def _secret_dir(directory: Path, key: Path, cert: Path, ca: Path) -> Path:
@@ -167,7 +164,7 @@ def test_the_init_script_writes_a_config_on_which_tf_serving_and_the_gateway_com
     config_path = tmp_path / "ssl" / "ssl.pbtxt"
 
     # The init container's own command, with its two paths moved here.
-    init = _container(_spec(docs, "tfserving"), "ssl-config", "initContainers")
+    init = manifests.container(docs, "tfserving", "ssl-config")
     env = {**os.environ, "CERT_DIR": str(server_secret), "SSL_CONFIG": str(config_path)}
     assert set(manifests.env_of(init)) == {"CERT_DIR", "SSL_CONFIG"}
     done = subprocess.run(init["command"], env=env, capture_output=True, text=True, timeout=30, check=False)
@@ -183,7 +180,7 @@ def test_the_init_script_writes_a_config_on_which_tf_serving_and_the_gateway_com
 
     model_base = tmp_path / "models"
     write_tiny_model(model_base, "cifar10", 1)
-    gateway_env = manifests.env_of(_container(_spec(docs, "gateway"), "gateway"))
+    gateway_env = manifests.env_of(manifests.container(docs, "gateway", "gateway"))
     mount = PurePosixPath(gateway_env["GATEWAY_TFSERVING_TLS_CA"]).parent
 
     def gateway(address: str, *variables: str):

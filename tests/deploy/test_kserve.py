@@ -75,9 +75,7 @@ def _config_map_of(isvc: dict) -> str:
 
 
 def _gateway_env(docs: list[dict]) -> dict[str, str]:
-    gateway = manifests.find(docs, "Deployment", "gateway")
-    container = next(c for c in manifests.containers(gateway) if c["name"] == "gateway")
-    return manifests.env_of(container)
+    return manifests.env_of(manifests.container(docs, "gateway", "gateway"))
 
 
 # --- rendering and schemas -------------------------------------------------------------------------
