@@ -103,13 +103,15 @@ def healthy_double(tfserving_gateway: TFServingDrillGateway) -> Iterator[TFServi
 
 def _wait_until_predictions_flow(url: str) -> None:
     """A drill that stopped the double leaves a worker's circuit breaker open for its interval: the
-    next drill starts once predictions answer 200 again (every connection new, so both workers)."""
-    from tests.drills.traffic import predict_once, small_png
+    next drill starts once predictions answer 200 again (every connection new, so both workers) and
+    no worker's breaker is still open."""
+    from tests.drills.traffic import breaker_state, predict_once, small_png
 
     image = small_png(0)
 
     def ten_in_a_row() -> bool:
         with requests.Session() as session:
-            return all(predict_once(session, url, image, fresh=True).status == 200 for _ in range(10))
+            ok = all(predict_once(session, url, image, fresh=True).status == 200 for _ in range(10))
+        return ok and breaker_state(url) in (0, None)
 
-    wait_until(ten_in_a_row, 30, "the gateway answering predictions after the drill")
+    wait_until(ten_in_a_row, 30, "the gateway answering predictions after the drill, every breaker closed")

@@ -15,7 +15,7 @@ import requests
 
 from loadtest.gateway_process import wait_until
 from tests.drills.conftest import DEADLINE_S, TFServingDrillGateway
-from tests.drills.traffic import Traffic, predict_once, small_png
+from tests.drills.traffic import Traffic, breaker_state, predict_once, small_png
 
 pytestmark = [pytest.mark.drill, pytest.mark.slow]
 
@@ -45,7 +45,9 @@ def _ready(url: str) -> int:
 
 def test_backend_stops_mid_load_503_then_recovers(healthy_double: TFServingDrillGateway) -> None:
     url, double = healthy_double.url, healthy_double.double
-    with Traffic(url, threads=3) as traffic:
+    # A new connection per request: a kept-alive one stays with one gunicorn worker, and every worker
+    # must be seen failing fast and recovering.
+    with Traffic(url, threads=3, fresh=True) as traffic:
         traffic.wait_for(20)
         down_at = time.monotonic()
         double.set_down(True)
@@ -57,8 +59,13 @@ def test_backend_stops_mid_load_503_then_recovers(healthy_double: TFServingDrill
         ready_at = time.monotonic()
         # Each gunicorn worker has its own circuit breaker: /readyz may answer from a worker whose
         # breaker closed while the other's, opened just before the restart, waits out its interval
-        # (GATEWAY_BREAKER_OPEN_S) and then lets one probe through. Recovered: a run of 200s.
-        wait_until(lambda: _last_all_ok(traffic, 20), RECOVERY_S, "predictions answering 200 again")
+        # (GATEWAY_BREAKER_OPEN_S) and then lets one probe through. Recovered: a run of 200s, and no
+        # worker's breaker left open (a run of 200s may all come from one worker).
+        wait_until(
+            lambda: _last_all_ok(traffic, 20) and breaker_state(url) == 0,
+            RECOVERY_S,
+            "predictions answering 200 again with every worker's circuit breaker closed",
+        )
         recovered_at = time.monotonic()
         after = traffic.wait_for(20, since=recovered_at)
     before = [a for a in traffic.snapshot() if a.done < down_at]  # answered before the stop

@@ -56,6 +56,26 @@ def predict_once(
                   "" if r.status_code == 200 else r.text[:300])
 
 
+def breaker_state(url: str) -> float | None:
+    """gateway_breaker_state from /metrics: the highest over the live workers (0 closed, 1 half-open,
+    2 open), None when the gateway does not export it (no TF Serving backend) or does not answer.
+    Each gunicorn worker has its own breaker, so a run of 200s may all come from one worker while
+    another's is still open: this is what says every worker is back."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = requests.get(f"{url}/metrics", timeout=5).text
+    except requests.RequestException:
+        return None
+    values = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "gateway_breaker_state"
+        for sample in family.samples
+    ]
+    return max(values) if values else None
+
+
 class Traffic:
     """`threads` clients posting in a closed loop until stop(); use as a context manager."""
 
