@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from client.results import ClientError
-from contract.preprocess import to_model_input, to_rgb, upright
+from contract.preprocess import decode_to_model_input
 
 ImageInput = str | Path | tuple[str, bytes]  # a file path, or (filename, encoded bytes)
 
@@ -40,9 +40,7 @@ def to_pixels(filename: str, data: bytes) -> np.ndarray:
     """Encoded image -> uint8 [32, 32, 3], the pixels the gateway would feed the model."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            rgb = to_rgb(upright(image))
-            return to_model_input(rgb)
+            return decode_to_model_input(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ClientError(
             "not_an_image",

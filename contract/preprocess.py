@@ -66,6 +66,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def decode_to_model_input(image: Image.Image) -> np.ndarray:
+    """An opened image file -> the model's uint8 [32, 32, 3]: decoded (its first frame), turned upright
+    by its EXIF orientation, made RGB and resized. The trainer's image folders and the clients' pixel
+    path call this; the gateway runs the same steps with its limits and error codes (serving/images.py)."""
+    image.load()
+    return to_model_input(upright(image))
+
+
 def to_model_input(image: Image.Image) -> np.ndarray:
     """An RGB PIL image of any size -> uint8 array [32, 32, 3], the model's input pixels."""
     image = to_rgb(image)

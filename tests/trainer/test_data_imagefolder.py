@@ -136,3 +136,21 @@ def test_missing_layout_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "train").mkdir()
     with pytest.raises(DataError, match="has no class sub-folders"):
         load_imagefolder(tmp_path)
+
+
+def test_exif_oriented_photos_train_as_the_gateway_serves_them(tmp_path: Path) -> None:
+    """A phone stores a portrait photo sideways with EXIF Orientation 6; the gateway turns it upright,
+    so training must too, or the model learns pictures turned a quarter from what it will be shown."""
+    from tests.trainer.graph_image_cases import exif_block, gateway_pixels, jpeg, synthetic_photo
+
+    photo = synthetic_photo()
+    files = {k: jpeg(photo, exif_block(k)) for k in range(1, 9)}
+    _write_folder(tmp_path, {"turned": [(f"{k}.jpg", data) for k, data in files.items()]}, "train")
+    _write_folder(tmp_path, {"turned": [("6.jpg", files[6])]}, "test")
+
+    raw = load_imagefolder(tmp_path)
+
+    served = gateway_pixels([files[k] for k in range(1, 9)]).astype(np.uint8)
+    np.testing.assert_array_equal(raw.x_train, served)
+    np.testing.assert_array_equal(raw.x_test[0], served[5])
+    assert len({pixels.tobytes() for pixels in raw.x_train}) == 8  # each orientation its own pixels

@@ -1,7 +1,8 @@
 """Your own classes: ROOT/train/<class>/* and ROOT/test/<class>/*, one sub-folder per class.
 
-Any file Pillow opens is converted to RGB and resized to 32x32 by contract.preprocess.to_model_input,
-the same function the gateway uses, so training sees exactly the pixels serving will. Files Pillow
+Any file Pillow opens is turned upright by its EXIF orientation, converted to RGB and resized to 32x32
+by contract.preprocess.decode_to_model_input, the steps the gateway takes, so training sees exactly
+the pixels serving will (a phone photo stored sideways with Orientation 6 included). Files Pillow
 cannot read are skipped with a warning naming each one. Class names are the sorted sub-folder
 names, which must be the same in both splits (the label indices depend on it).
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from contract.preprocess import to_model_input
+from contract.preprocess import decode_to_model_input
 from trainer.data.errors import DataError
 from trainer.data.raw import RawSplits
 
@@ -99,8 +100,7 @@ def _read_image(path: Path) -> np.ndarray | None:
             # Oversized images warn (DecompressionBombWarning); treat them like other bad files.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                image.load()
-                return to_model_input(image)
+                return decode_to_model_input(image)
     except (
         UnidentifiedImageError,
         OSError,
