@@ -16,6 +16,12 @@ The pixels are identical for every image size; the parity tests (tests/trainer/t
 compare them value for value. Changing the filter here breaks that, and so does a Pillow whose
 resize arithmetic or pass order differs: releases before 13 order the passes differently for tall
 images.
+
+Before the resize, a large JPEG is decoded small: libjpeg scales its DCT by 1/2, 1/4 or 1/8 while
+decoding (Pillow's `draft`, TensorFlow's `decode_jpeg(ratio=)`: the same libjpeg arithmetic, the same
+pixels), taking the largest factor that leaves both sides at least DECODE_MIN_SIDE; `jpeg_decode_scale`
+states the rule for both. A 12 Mpx phone photo then decodes several times faster in a fraction of the
+memory, and its 32x32 pixels move by a level or two from a full decode's (`make bench-decode`).
 """
 
 from __future__ import annotations
@@ -23,11 +29,16 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, JpegImagePlugin
 
 from contract.signatures import INPUT_SIZE
 
 RESAMPLE = Image.Resampling.BILINEAR
+# A JPEG decodes at 1/8, 1/4 or 1/2 of its size when both sides stay at least this many pixels: 4x
+# the model's side leaves the antialiasing resize far more detail than survives at 32x32 (DCT scaling
+# is itself a good low-pass: at 1/8 each pixel is its 8x8 block's mean).
+DECODE_MIN_SIDE = 4 * INPUT_SIZE  # px
+JPEG_SCALES = (8, 4, 2, 1)  # what libjpeg's DCT scaling offers (1/N), largest first, as Pillow tries them
 
 
 def upright(image: Image.Image) -> Image.Image:
@@ -66,11 +77,28 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def jpeg_decode_scale(width: int, height: int) -> int:
+    """N of the 1/N scale a width x height JPEG decodes at: the largest of JPEG_SCALES with both sides
+    still >= DECODE_MIN_SIDE (1 for smaller images). Pillow's `draft` picks it this way; the exported
+    graph (trainer/export/graph_image/decode.py) computes the same from the JPEG's header."""
+    fit = min(width, height) // DECODE_MIN_SIDE
+    return next((scale for scale in JPEG_SCALES if fit >= scale), 1)
+
+
+def decode_reduced(image: Image.Image) -> Image.Image:
+    """`image` (opened, not yet loaded), set to decode a JPEG at `jpeg_decode_scale`: its size becomes
+    the reduced one (each side rounded up). Other formats are returned as they are."""
+    if isinstance(image, JpegImagePlugin.JpegImageFile):  # MPO, phones' multi-picture JPEG, included
+        image.draft(None, (DECODE_MIN_SIDE, DECODE_MIN_SIDE))
+    return image
+
+
 def decode_to_model_input(image: Image.Image) -> np.ndarray:
-    """An opened image file -> the model's uint8 [32, 32, 3]: decoded (its first frame), turned upright
-    by its EXIF orientation, made RGB and resized. The trainer's image folders and the clients' pixel
-    path call this; the gateway runs the same steps with its limits and error codes (serving/images.py)."""
-    image.load()
+    """An opened image file -> the model's uint8 [32, 32, 3]: decoded (its first frame; a JPEG reduced
+    by `decode_reduced`), turned upright by its EXIF orientation, made RGB and resized. The trainer's
+    image folders and the clients' pixel path call this; the gateway runs the same steps with its
+    limits and error codes (serving/images.py)."""
+    decode_reduced(image).load()
     return to_model_input(upright(image))
 
 

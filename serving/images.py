@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from contract.preprocess import to_rgb, upright
+from contract.preprocess import decode_reduced, to_rgb, upright
 from contract.signatures import MAX_SIDE
 from serving.errors import GatewayError
 
@@ -109,9 +109,10 @@ def open_image(data: bytes, *, filename: str, max_pixels: int) -> Image.Image:
 
 
 def decode_opened(image: Image.Image, *, filename: str) -> Image.Image:
-    """An image from `open_image` -> 8-bit RGB, upright by its EXIF orientation (first frame only)."""
+    """An image from `open_image` -> 8-bit RGB, upright by its EXIF orientation (first frame only); a
+    large JPEG decoded at a reduced scale (contract/preprocess.py `decode_reduced`)."""
     try:
-        image.load()
+        decode_reduced(image).load()
         return to_rgb_banded(upright(image))
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise GatewayError(

@@ -118,6 +118,32 @@ def test_exif_orientation_is_applied() -> None:
     assert top[0] > 200 and bottom[2] > 200  # the left (red) half is now on top
 
 
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_then_turned_upright() -> None:
+    """A phone photo (here 2048x1536, Orientation 6) decodes at 1/8: 256x192, turned to 192x256."""
+    image = Image.new("RGB", (2048, 1536), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 1024, 1536))  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = decode_image(encode(image, "JPEG", exif=exif, quality=90), filename="phone.jpg", max_pixels=10**7)
+    assert out.size == (192, 256)
+    top, bottom = out.getpixel((96, 20)), out.getpixel((96, 236))
+    assert top[0] > 200 and bottom[2] > 200
+
+
+def test_a_large_cmyk_jpeg_is_decoded_reduced_to_rgb() -> None:
+    image = Image.new("RGB", (1024, 1024), (200, 40, 40)).convert("CMYK")
+    out = decode_image(encode(image, "JPEG", quality=95), filename="print.jpg", max_pixels=10**7)
+    r, g, b = out.getpixel((64, 64))
+    assert out.size == (128, 128) and out.mode == "RGB" and r > 150 and g < 90 and b < 90
+
+
+def test_a_truncated_large_jpeg_is_400_too() -> None:
+    pixels = np.random.default_rng(2).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(pixels), "JPEG")
+    error = error_of(data[: len(data) // 2], max_pixels=10**7)
+    assert (error.status, error.code) == (400, "truncated_image")
+
+
 # EXIF blocks Pillow cannot parse: with a JFIF density header (dpi) Pillow reads the EXIF while
 # loading and raised ValueError ("not a TIFF file") or struct.error (a BigTIFF-style header).
 GARBLED_EXIF = {

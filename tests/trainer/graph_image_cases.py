@@ -168,3 +168,25 @@ UNUSABLE_EXIF = {
     "orientation_after_unreadable_entry": raw_exif(ifd_entry(0x010F, 2, 20, b"\x00\x10"), ORIENTATION_6),
     "no_orientation_tag": exif_block(None),
 }
+
+
+def large_jpeg(size: tuple[int, int], kind: str) -> bytes:
+    """A photo-like picture (the marked synthetic one, upscaled, with sensor-like noise) as a JPEG of
+    `kind`: 420 (chroma subsampled, as cameras save), 444, progressive, grayscale, or oriented (EXIF
+    Orientation 6). Large enough ones decode at a reduced scale (contract/preprocess.py)."""
+    rng = np.random.default_rng(size[0] * 7 + size[1])
+    pixels = np.asarray(synthetic_photo().resize(size, Image.Resampling.BICUBIC), dtype=np.int16)
+    image = Image.fromarray(np.clip(pixels + rng.integers(-8, 9, pixels.shape), 0, 255).astype(np.uint8))
+    options = {
+        "420": {},
+        "444": {"subsampling": 0},
+        "progressive": {"progressive": True},
+        "grayscale": {},
+        "oriented": {"exif": exif_block(6)},
+    }[kind]
+    if kind == "grayscale":
+        image = image.convert("L")
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90, **options)
+    return buffer.getvalue()
+

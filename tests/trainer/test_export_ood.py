@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from contract.signatures import ABSTAIN_KEY, OOD_SCORE_KEY, REFERENCE_STATS_PATH
-from trainer.export.ood import KEEP_DEFAULT, auroc, threshold_for
+from trainer.export.ood import KEEP_DEFAULT, auroc, read_photo_folder, threshold_for
 
 # The held-out test split of the session's run has 200 images: the kept share's binomial standard
 # deviation around 0.95 is 1.5 points; 5 points is over three of them.
@@ -40,6 +40,20 @@ def test_threshold_keeps_the_stated_share():
         assert np.mean(scores <= threshold_for(scores, keep)) == pytest.approx(keep, abs=0.002)
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         threshold_for(scores, 1.0)
+
+
+def test_a_labelled_photo_folder_is_read_as_the_gateway_decodes_uploads(tmp_path: Path) -> None:
+    """export --ood-photos: a phone photo (sideways with EXIF Orientation 6, large enough to decode
+    reduced) must become the pixels the gateway would feed the model for the same file."""
+    from tests.trainer.graph_image_cases import gateway_pixels, large_jpeg
+
+    files = {"phone.jpg": large_jpeg((1100, 1030), "oriented"), "small.jpg": large_jpeg((90, 60), "420")}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "labels.csv").write_text("file,label\nphone.jpg,cat\nsmall.jpg,dog\n")
+    pixels, labels = read_photo_folder(tmp_path)
+    assert labels == ["cat", "dog"]
+    np.testing.assert_array_equal(pixels, gateway_pixels(list(files.values())).astype(np.uint8))
 
 
 @pytest.mark.slow

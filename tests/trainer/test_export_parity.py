@@ -17,6 +17,7 @@ from tests.trainer.graph_image_cases import (
     encode_photos,
     gateway_pixels,
     jpeg,
+    large_jpeg,
     with_segments,
 )
 
@@ -64,6 +65,16 @@ def test_bytes_signatures_classify_oriented_jpegs_like_the_gateway(session, orie
     top_class = np.full(len(encoded), -1, dtype=np.int32)
     explained = session.run("explain_bytes", {"image_bytes": encoded, "class_index": top_class})
     np.testing.assert_allclose(explained["probabilities"], expected, atol=PROB_ATOL, rtol=0)
+
+
+def test_bytes_signature_decodes_large_jpegs_reduced_as_the_gateway_does(session):
+    """Phone-sized JPEGs, decoded at 1/2, 1/4 and 1/8 (contract/preprocess.py): TF Serving's answer
+    through the exported graph equals the pixel signature on the gateway's pixels."""
+    encoded = [large_jpeg(size, kind) for size, kind in
+               [((300, 260), "420"), ((600, 520), "oriented"), ((2047, 1100), "progressive")]]  # fmt: skip
+    expected = session.run("serving_default", {"images": gateway_pixels(encoded)})["probabilities"]
+    via_bytes = session.run("serving_bytes", {"image_bytes": np.array(encoded, dtype=object)})
+    np.testing.assert_allclose(via_bytes["probabilities"], expected, atol=PROB_ATOL, rtol=0)
 
 
 def test_unusable_exif_does_not_fail_the_bytes_signature(session, plain_photo):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.trainer.graph_image_cases import encode_photos, gateway_pixels, upscaled_photos
+from tests.trainer.graph_image_cases import encode_photos, gateway_pixels, large_jpeg, upscaled_photos
 
 pytestmark = pytest.mark.slow
 
@@ -75,3 +75,26 @@ def test_graph_matches_pillow_on_unusual_encodings(cifar_sample, kind):
     graph = decode_and_resize(tf.constant(encoded)).numpy()
     assert graph.shape == (32, 32, 3)
     np.testing.assert_array_equal(graph, gateway_pixels([encoded])[0])
+
+
+@pytest.mark.parametrize(
+    "size", [(255, 700), (300, 260), (600, 520), (1100, 1030), (2047, 1100)], ids=lambda s: f"{s[0]}x{s[1]}"
+)
+@pytest.mark.parametrize("kind", ["420", "444", "progressive", "grayscale", "oriented"])
+def test_large_jpegs_decode_reduced_to_the_gateways_pixels(size, kind):
+    """Every scale (1, 2, 4, 8) and encoding: the graph's decode_jpeg(ratio=) gives the pixels of the
+    gateway's Pillow `draft`, and the clients' pixel path and the trainer (decode_to_model_input) agree."""
+    import tensorflow as tf
+
+    from client.images import to_pixels
+    from contract.preprocess import jpeg_decode_scale
+    from trainer.export.graph_image.decode import decode_and_resize, decode_rgb
+
+    encoded = large_jpeg(size, kind)
+    decoded = decode_rgb(tf.constant(encoded)).numpy()
+    scale = jpeg_decode_scale(*size)
+    expected_shape = (-(-size[1] // scale), -(-size[0] // scale))
+    assert decoded.shape[:2] == (expected_shape[::-1] if kind == "oriented" else expected_shape)
+    served = gateway_pixels([encoded])[0]
+    np.testing.assert_array_equal(decode_and_resize(tf.constant(encoded)).numpy(), served)
+    np.testing.assert_array_equal(to_pixels("photo.jpg", encoded), served)

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from contract.preprocess import DECODE_MIN_SIDE
 from contract.signatures import (
     ABSTAIN_KEY,
     CHANNELS,
@@ -48,8 +49,9 @@ INPUT_CONTRACT: dict[str, Any] = {
                     "meaning": "encoded JPEG, PNG, GIF or BMP of any size",
                 }
             },
-            "preprocessing": "decode to RGB (first GIF frame; JPEG with libjpeg's accurate integer IDCT "
-            "and turned upright by its EXIF Orientation; transparency composited on white), then "
+            "preprocessing": "decode to RGB (first GIF frame; JPEG with libjpeg's accurate integer IDCT, "
+            f"at 1/2, 1/4 or 1/8 scale while both sides stay >= {DECODE_MIN_SIDE} pixels, and turned "
+            "upright by its EXIF Orientation; transparency composited on white), then "
             "Pillow 13's BILINEAR resize to 32x32 reproduced bit for bit (contract/preprocess.py); "
             f"a side over {MAX_SIDE} pixels is refused",
         },

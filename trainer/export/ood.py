@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 from scipy.special import logsumexp, softmax
 
-from contract.preprocess import to_model_input
+from contract.preprocess import decode_to_model_input, to_model_input
 
 MAHALANOBIS = "mahalanobis"
 ENERGY = "energy"
@@ -196,7 +196,7 @@ def read_photo_folder(folder: Path) -> tuple[np.ndarray, list[str]]:
     pixels = []
     for name, _label in rows:
         with Image.open(folder / name) as image:
-            pixels.append(to_model_input(image))
+            pixels.append(decode_to_model_input(image))  # upright and reduced, as the gateway decodes
     return np.stack(pixels) if pixels else np.empty((0, 32, 32, 3), np.uint8), [r[1] for r in rows]
 
 

@@ -2,14 +2,16 @@
 path, the gateway's (serving/images.py `decode_image`, then contract/preprocess.py) bit for bit.
 
 Refuse an image whose header declares over MAX_PIXELS before decoding it (`refuse_large_declared`),
-decode any format to RGB (`decode_rgb`: a JPEG turned upright by its EXIF Orientation, transparency
-composited on white), refuse a side over MAX_SIDE, then resize as Pillow 13 does (`resize_like_pillow`).
+decode any format to RGB (`decode_rgb`: a large JPEG at a reduced scale as Pillow's `draft` decodes it,
+a JPEG turned upright by its EXIF Orientation, transparency composited on white), refuse a side over
+MAX_SIDE, then resize as Pillow 13 does (`resize_like_pillow`).
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
+from contract.preprocess import DECODE_MIN_SIDE, JPEG_SCALES
 from contract.signatures import CHANNELS, INPUT_SIZE, MAX_PIXELS, MAX_SIDE
 from trainer.export.graph_image.exif import apply_orientation, jpeg_exif_orientation
 from trainer.export.graph_image.pillow_resize import resize_like_pillow
@@ -142,8 +144,30 @@ def _decode_jpeg_upright(encoded: tf.Tensor) -> tf.Tensor:
     Pillow uses; decode_image would pick the faster, less exact IDCT and disagree with the gateway by
     a few levels per pixel.
     """
-    pixels = tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
+    pixels = _decode_jpeg_reduced(encoded)
     return tf.cast(apply_orientation(pixels, jpeg_exif_orientation(encoded)), tf.float32)
+
+
+def _decode_jpeg_reduced(encoded: tf.Tensor) -> tf.Tensor:
+    """uint8 [H', W', 3]: the JPEG decoded at the 1/N scale contract.preprocess.jpeg_decode_scale
+    picks from its header (the stored sides, before EXIF orientation, as Pillow's `draft` reads them).
+
+    decode_jpeg's `ratio` runs libjpeg's DCT scaling, the very arithmetic of Pillow's draft; `ratio` is
+    an attribute, fixed when the graph is built, so each scale is its own branch.
+    """
+    shape = tf.image.extract_jpeg_shape(encoded)  # [height, width, channels], read from the SOF marker
+    fit = tf.minimum(shape[0], shape[1]) // DECODE_MIN_SIDE
+    ascending = sorted(JPEG_SCALES)  # 1, 2, 4, 8: branch i is scale ascending[i]
+    branch = tf.reduce_sum(tf.cast(fit >= tf.constant(ascending[1:], fit.dtype), tf.int32))
+    return tf.switch_case(
+        branch,
+        [
+            lambda scale=scale: tf.io.decode_jpeg(
+                encoded, channels=3, dct_method="INTEGER_ACCURATE", ratio=scale
+            )
+            for scale in ascending
+        ],
+    )
 
 
 def _decode_first_frame(encoded: tf.Tensor) -> tf.Tensor:
