@@ -26,7 +26,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 export KERAS_BACKEND ?= tensorflow
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv serve test lint bench bench-train bench-small-data bench-serve bench-gpu-prepare loadtest clean
+.PHONY: venv serve test lint bench bench-train bench-small-data bench-serve bench-decode bench-gpu-prepare loadtest clean
 
 # A development environment: everything the test suite needs.
 venv: $(TEST_STAMP)
@@ -63,7 +63,7 @@ test: $(TEST_STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Each benchmark writes its JSON to benchmarks/results/; the report turns them into docs/benchmarks.md.
-bench: bench-train bench-small-data bench-serve
+bench: bench-train bench-small-data bench-serve bench-decode
 	$(PY) -m benchmarks.report
 
 bench-train: $(BENCH_STAMP)
@@ -80,6 +80,12 @@ bench-serve: $(BENCH_STAMP)
 	@bash scripts/ensure-debian-packages.sh 'hey!'
 	$(PY) -m benchmarks.serving_latency --out benchmarks/results/serving_latency.json
 	$(PY) -m benchmarks.bn_folding --out benchmarks/results/bn_folding.json
+
+# Large JPEGs (VGA to a 12 Mpx phone photo) decoded to 32x32 whole vs at libjpeg's reduced scale, the
+# memory of one decode, and the gateway and the naive app answering a phone photo (about 1.5 minutes).
+bench-decode: $(BENCH_STAMP)
+	@bash scripts/ensure-debian-packages.sh 'hey!'
+	$(PY) -m benchmarks.photo_decode --out benchmarks/results/photo_decode.json
 
 # The GPU training benchmark runs on a lent GPU machine (no network there): this fills .whl/ with the
 # Keras wheels and .gpu-data/ with CIFAR-10 in parts, and prints the device calls that run

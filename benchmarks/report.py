@@ -527,6 +527,51 @@ def gpu_section(results: Path) -> list[str]:
     return lines
 
 
+def photo_decode_section(data: dict[str, Any]) -> list[str]:
+    """Large JPEGs: whole vs reduced decode to the model's pixels, memory, and the gateway end to end."""
+    photos = data["photos"]
+    what = (f"{photos['per_size']} {photos['source']} per size, upscaled with +-{photos['noise_levels']} "
+            f"levels of noise, JPEG quality {photos['jpeg_quality']}")  # fmt: skip
+    m = data["machine"]
+    lines = [
+        run_line(data["command"], data=what, seeds="noise seeds 0..7", machine=machine_text(m),
+                 load=load_text(m.get("load_average_1m"), m.get("load_average_1m_end"))),  # fmt: skip
+        "",
+        "Upload -> the model's 32x32 pixels in one thread: *whole* decodes every pixel first (what every "
+        "path did before), *reduced* lets libjpeg scale the DCT while decoding "
+        "(`contract/preprocess.py`, the same pixels in the exported graph). Pixel difference: between "
+        "the two ways' 32x32 results, in levels of 0..255.",
+        "",
+        "| photo | file | scale | whole ms | reduced ms | speed-up | max / mean pixel difference |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["decode"]:
+        lines.append(
+            f"| {r['photo']} ({r['width']}x{r['height']}) | {r['mean_file_kib']} KiB | {r['scale']} | "
+            f"{r['whole_ms']:.1f} | {r['reduced_ms']:.1f} | {r['speedup']:.1f}x | "
+            f"{r['max_pixel_difference']} / {r['mean_pixel_difference']:.3f} |"
+        )
+    memory = data["memory"]
+    lines += ["", f"Peak RSS rise of one 12 Mpx decode (fresh process): whole {memory['whole_mib']:.0f} MiB, "
+              f"reduced {memory['reduced_mib']:.0f} MiB.", ""]  # fmt: skip
+    serve = data.get("serve")
+    if serve:
+        lines += [
+            f"End to end, {serve['photo']} as the one upload of each request (hey, closed loop), served "
+            f"by the gateway as `make serve` runs it and by the naive app (whole decode, Keras "
+            f"`model.predict`), both on {_serving_model_text(serve['model'])}:",
+            "",
+            "| app | clients | req/s | p50 ms | p99 ms | server CPU ms/request | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in serve["runs"]:
+            lines.append(f"| {r['app']} | {r['clients']} | {r['rps']:.1f} | {_opt(r['p50_ms'], '.1f')} | "
+                         f"{_opt(r['p99_ms'], '.1f')} | {_opt(r['server_cpu_ms_per_request'], '.1f')} | "
+                         f"{r['errors']} |")  # fmt: skip
+        lines.append("")
+    return lines
+
+
 Section = Callable[[dict[str, Any]], list[str]]
 # (results file, the make target that writes it, the sections drawn from it: (title, body), in document
 # order)
@@ -544,6 +589,9 @@ SOURCES: tuple[tuple[str, str, tuple[tuple[str, Section], ...]], ...] = (
     )),
     ("bn_folding.json", "make bench-serve", (
         ("## Served graph: batch-norm folding, freezing, XLA (`make bench-serve`)", bn_folding_section),
+    )),
+    ("photo_decode.json", "make bench-decode", (
+        ("## Large photos: reduced JPEG decoding (`make bench-decode`)", photo_decode_section),
     )),
 )  # fmt: skip
 

@@ -460,10 +460,11 @@ def measure_gateway(results: dict, model_base: Path, bodies: dict[int, Path], ar
         results["gateway_large_batches"] = sorted({f"{m})" for m in _LARGE_BATCHES.findall(gateway.log())})
 
 
-def measure_naive_app(results: dict, run_dir: Path, body: Path, args: argparse.Namespace, load: Load) -> None:
+def measure_naive_app(results: dict, run_dir: Path, body: Path, args: argparse.Namespace, load: Load,
+                      clients: tuple[int, ...] = NAIVE_CLIENTS) -> None:  # fmt: skip
     env = {"NAIVE_RUN_DIR": str(run_dir)}
-    _measure_flask_route(results, NAIVE, "benchmarks.naive_flask:create_app()", env, body, NAIVE_CLIENTS,
-                         args, load)  # fmt: skip
+    app = "benchmarks.naive_flask:create_app()"
+    _measure_flask_route(results, NAIVE, app, env, body, clients, args, load)
 
 
 def measure_lean_app(

@@ -24,6 +24,7 @@ TITLES = (
     "## Small real data",
     "## Serving latency",
     "## Served graph",
+    "## Large photos",
     "## GPU training",
 )
 
@@ -168,6 +169,37 @@ def bn_folding_json() -> dict[str, Any]:
     }  # fmt: skip
 
 
+def photo_decode_json(serve: bool = True) -> dict[str, Any]:
+    """A results file as benchmarks/photo_decode.py writes it (figures made up)."""
+
+    def decode(name: str, width: int, height: int, scale: int, whole: float, reduced: float) -> dict:
+        return {"photo": name, "width": width, "height": height, "photos": 8, "mean_file_kib": width // 2,
+                "scale": f"1/{scale}", "whole_ms": whole, "reduced_ms": reduced, "speedup": whole / reduced,
+                "max_pixel_difference": 1, "mean_pixel_difference": 0.09,
+                "share_pixels_changed": 0.09}  # fmt: skip
+
+    def run(app: str, clients: int, rps: float, p50: float) -> dict:
+        return {"app": app, "images_per_request": 1, "clients": clients, "requests": 100, "ok": 100,
+                "errors": 0, "status_codes": {"200": 100}, "rps": rps, "images_per_s": rps, "p50_ms": p50,
+                "p90_ms": p50 * 1.2, "p99_ms": p50 * 1.5, "max_ms": p50 * 2,
+                "server_cpu_ms_per_request": 1000 / rps, "client_cpu_ms_per_request": 1.4}  # fmt: skip
+
+    data = {
+        "command": "python -m benchmarks.photo_decode --out x.json",
+        "machine": _machine(),
+        "photos": {"source": "CIFAR-10 sample photos (cifar10-sample)", "per_size": 8, "noise_levels": 8,
+                   "jpeg_quality": 90},
+        "decode": [decode("VGA", 640, 480, 2, 2.0, 1.1), decode("12 Mpx phone", 4032, 3024, 8, 102.0, 22.0)],
+        "memory": {"whole_mib": 91.3, "reduced_mib": 1.1},
+    }  # fmt: skip
+    if serve:
+        data["serve"] = {"photo": "the first 12 Mpx phone photo (2076 KiB)",
+                         "model": {"profile": "configs/default.yaml", "arch": "bn_cnn", "width": 64,
+                                   "params": 1_150_666, "num_train": 50_000, "weights": "untrained (seed 0)"},
+                         "runs": [run("gateway", 1, 26.2, 37.3), run("naive", 1, 4.2, 214.3)]}  # fmt: skip
+    return data
+
+
 def write(folder: Path, name: str, payload: dict[str, Any]) -> None:
     (folder / name).write_text(json.dumps(payload))
 
@@ -185,6 +217,7 @@ def full_results(tmp_path: Path) -> Path:
     write(tmp_path, "small_data.json", small_data_json())
     write(tmp_path, "serving_latency.json", serving_json())
     write(tmp_path, "bn_folding.json", bn_folding_json())
+    write(tmp_path, "photo_decode.json", photo_decode_json())
     return tmp_path
 
 
@@ -197,7 +230,7 @@ def test_every_section_is_rendered_in_order(full_results: Path) -> None:
 
 def test_every_measured_section_names_its_run(full_results: Path) -> None:
     text = report.render(full_results, now=NOW)
-    for title in TITLES[:5]:
+    for title in TITLES[:-1]:  # all but the GPU section, which shows a run's own files
         body = section(text, title)
         run = next(line for line in body.splitlines() if line.startswith("Run: `python -m benchmarks."))
         for part in ("data: ", "seeds: ", "machine: ", "load average"):
@@ -433,6 +466,26 @@ def test_another_variant_that_helps_says_why_the_export_does_not_use_it(tmp_path
     data["verdict"][name]["helps"] = False
     write(tmp_path, "bn_folding.json", data)
     assert "also helps" not in section(report.render(tmp_path, now=NOW), "## Served graph")
+
+
+def test_large_photo_section_shows_both_decodes_memory_and_the_gateway_beside_the_naive_app(
+    full_results: Path,
+) -> None:
+    body = section(report.render(full_results, now=NOW), "## Large photos")
+    assert "| 12 Mpx phone (4032x3024) | 2016 KiB | 1/8 | 102.0 | 22.0 | 4.6x | 1 / 0.090 |" in body
+    assert "| VGA (640x480) | 320 KiB | 1/2 | 2.0 | 1.1 | 1.8x | 1 / 0.090 |" in body
+    assert "whole 91 MiB, reduced 1 MiB" in body
+    assert "| gateway | 1 | 26.2 | 37.3 | 55.9 | 38.2 | 0 |" in body
+    assert "| naive | 1 | 4.2 | 214.3 |" in body
+    assert "data: 8 CIFAR-10 sample photos (cifar10-sample) per size" in body
+    assert "the first 12 Mpx phone photo (2076 KiB) as the one upload of each request" in body
+    assert "bn_cnn width 64 (1,150,666 parameters" in body
+
+
+def test_large_photo_section_without_the_http_runs(tmp_path: Path) -> None:
+    write(tmp_path, "photo_decode.json", photo_decode_json(serve=False))
+    body = section(report.render(tmp_path, now=NOW), "## Large photos")
+    assert "| 12 Mpx phone (4032x3024)" in body and "End to end" not in body
 
 
 def test_missing_results_say_not_measured(tmp_path: Path) -> None:
