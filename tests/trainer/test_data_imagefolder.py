@@ -154,3 +154,38 @@ def test_exif_oriented_photos_train_as_the_gateway_serves_them(tmp_path: Path) -
     np.testing.assert_array_equal(raw.x_train, served)
     np.testing.assert_array_equal(raw.x_test[0], served[5])
     assert len({pixels.tobytes() for pixels in raw.x_train}) == 8  # each orientation its own pixels
+
+
+def test_oversized_images_are_skipped_on_every_decoding_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pillow only warns (DecompressionBombWarning) between MAX_IMAGE_PIXELS and twice that; the
+    reader makes the warning an error on its decoding threads too, so such files are skipped."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
+    warns, raises = _solid((1, 2, 3), size=(50, 50)), _solid((1, 2, 3), size=(80, 80))  # 2500, 6400 px
+    small = [(f"ok{i}.png", _solid((9, 9, 9))) for i in range(6)]
+    classes = {"a": [("warns.png", warns), *small], "b": [("raises.png", raises), *small]}
+    _write_folder(tmp_path, classes, "train")
+    _write_folder(tmp_path, {"a": small[:1], "b": small[:1]}, "test")
+    with caplog.at_level(logging.WARNING, logger="trainer.data.imagefolder"):
+        raw = load_imagefolder(tmp_path, threads=4)
+    skipped = [str(tmp_path / "train/a/warns.png"), str(tmp_path / "train/b/raises.png")]
+    assert raw.notes == {"skipped_files": skipped}
+    assert "DecompressionBombWarning" in caplog.text and "DecompressionBombError" in caplog.text
+    assert len(raw.x_train) == 12
+
+
+def test_threads_change_nothing_but_the_time(tmp_path: Path) -> None:
+    """Files decode on several threads; the arrays and their order are those of one thread."""
+    from tests.trainer.graph_image_cases import large_jpeg
+
+    kinds = ["420", "444", "progressive", "grayscale", "oriented"]
+    files = {name: [(f"{i}.jpg", large_jpeg((300 + 37 * i + c, 260 + 11 * i), kinds[i % 5]))
+                    for i in range(9)] for c, name in enumerate(("cats", "dogs"))}  # fmt: skip
+    _write_folder(tmp_path, files, "train")
+    _write_folder(tmp_path, {name: f[:2] for name, f in files.items()}, "test")
+    one, many = load_imagefolder(tmp_path, threads=1), load_imagefolder(tmp_path, threads=4)
+    np.testing.assert_array_equal(one.x_train, many.x_train)
+    np.testing.assert_array_equal(one.y_train, many.y_train)
+    np.testing.assert_array_equal(one.x_test, many.x_test)
+    assert len({x.tobytes() for x in many.x_train}) == 18  # every file its own pixels
