@@ -12,7 +12,9 @@ One run, one machine, in this order:
    contract.preprocess.decode_to_model_input, the one every path runs now (libjpeg scales the DCT
    by 1/2, 1/4 or 1/8 while decoding). Also how far apart the two leave the model's pixels.
 3. Memory: the peak RSS rise of one 12 Mpx decode, each way, in a fresh process.
-4. End to end: the default profile's model (untrained: speed does not depend on the weights),
+4. Training data: an image folder of the 12 Mpx photos (2 classes, train and test) read by the
+   trainer (trainer/data/imagefolder.py) on one decoding thread and on one per CPU, median of 3.
+5. End to end: the default profile's model (untrained: speed does not depend on the weights),
    published as `make serve` publishes it; the gateway under gunicorn as `make serve` starts it and
    the naive app (benchmarks/naive_flask.py: full decode, Keras `model.predict`) on the same model
    file, each loaded by `hey` posting the 12 Mpx photo, one per request, at 1 and 2 clients.
@@ -151,6 +153,33 @@ def measure_memory(photo: Path, small: Path) -> dict[str, float]:
     return rise
 
 
+def measure_folder(photos: list[bytes], root: Path, repeats: int = 3) -> dict[str, Any]:
+    """Seconds the trainer takes to read a folder of `photos` (each in both classes, both splits),
+    on one decoding thread and on its default, one per CPU."""
+    from trainer.data import imagefolder
+
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            for i, data in enumerate(photos):
+                (root / split / name / f"{i}.jpg").write_bytes(data)
+    threads = len(os.sched_getaffinity(0))
+    seconds = {}
+    for count in (1, threads):
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            imagefolder.load(root, threads=count)
+            times.append(time.perf_counter() - started)
+        seconds[count] = statistics.median(times)
+    files = 4 * len(photos)
+    row = {"files": files, "threads": threads, "one_thread_s": seconds[1], "threads_s": seconds[threads],
+           "speedup": seconds[1] / seconds[threads]}  # fmt: skip
+    print(f"image folder of {files} {PHONE} photos: 1 thread {row['one_thread_s']:.2f} s, {threads} threads "
+          f"{row['threads_s']:.2f} s ({row['speedup']:.1f}x)", flush=True)  # fmt: skip
+    return row
+
+
 def measure_end_to_end(photo: bytes, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The gateway and the naive app answering the 12 Mpx photo (benchmarks/serving_latency's tools)."""
     from benchmarks import serving_latency as serve
@@ -209,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         phone.write_bytes(photos[PHONE][0])
         small.write_bytes(photos["VGA"][0])
         results["memory"] = measure_memory(phone, small)
+        results["folder"] = measure_folder(photos[PHONE], work / "folder")
         if not args.skip_serve:
             served = measure_end_to_end(photos[PHONE][0], work, args)
             results["serve"] = {"photo": f"the first {PHONE} photo ({len(photos[PHONE][0]) // 1024} KiB)",

@@ -191,6 +191,7 @@ def photo_decode_json(serve: bool = True) -> dict[str, Any]:
                    "jpeg_quality": 90},
         "decode": [decode("VGA", 640, 480, 2, 2.0, 1.1), decode("12 Mpx phone", 4032, 3024, 8, 102.0, 22.0)],
         "memory": {"whole_mib": 91.3, "reduced_mib": 1.1},
+        "folder": {"files": 32, "threads": 2, "one_thread_s": 0.8, "threads_s": 0.45, "speedup": 0.8 / 0.45},
     }  # fmt: skip
     if serve:
         data["serve"] = {"photo": "the first 12 Mpx phone photo (2076 KiB)",
@@ -475,6 +476,8 @@ def test_large_photo_section_shows_both_decodes_memory_and_the_gateway_beside_th
     assert "| 12 Mpx phone (4032x3024) | 2016 KiB | 1/8 | 102.0 | 22.0 | 4.6x | 1 / 0.090 |" in body
     assert "| VGA (640x480) | 320 KiB | 1/2 | 2.0 | 1.1 | 1.8x | 1 / 0.090 |" in body
     assert "whole 91 MiB, reduced 1 MiB" in body
+    assert "folder of 32 such 12 Mpx photos in 0.80 s on one decoding thread, 0.45 s on 2" in body
+    assert "one per CPU): 1.8x." in body
     assert "| gateway | 1 | 26.2 | 37.3 | 55.9 | 38.2 | 0 |" in body
     assert "| naive | 1 | 4.2 | 214.3 |" in body
     assert "data: 8 CIFAR-10 sample photos (cifar10-sample) per size" in body

@@ -47,3 +47,10 @@ def test_one_decodes_memory_is_measured_in_a_fresh_process(pictures, tmp_path: P
     small.write_bytes(bench.photo_jpeg(pictures[0], (320, 240), seed=0))
     rise = bench.measure_memory(photo, small)
     assert rise["whole_mib"] >= 10 and rise["reduced_mib"] < rise["whole_mib"] / 4, rise
+
+
+def test_the_folder_is_read_on_one_thread_and_on_one_per_cpu(pictures, tmp_path: Path) -> None:
+    photos = [bench.photo_jpeg(p, (400, 300), seed=i) for i, p in enumerate(pictures)]
+    row = bench.measure_folder(photos, tmp_path / "folder", repeats=1)
+    assert row["files"] == 4 * len(photos) == len(list((tmp_path / "folder").rglob("*.jpg")))
+    assert row["threads"] >= 1 and row["speedup"] == row["one_thread_s"] / row["threads_s"]
