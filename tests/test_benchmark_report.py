@@ -34,6 +34,12 @@ def _machine(**extra: Any) -> dict[str, Any]:
             "load_average_1m": 1.25, "load_average_1m_end": 2.5, **extra}  # fmt: skip
 
 
+def _served_model() -> dict[str, Any]:
+    """The model the serving benchmarks record: the default profile's, untrained."""
+    return {"profile": "configs/default.yaml", "arch": "bn_cnn", "width": 64, "params": 1_150_666,
+            "num_train": 50_000, "weights": "untrained (seed 0)"}  # fmt: skip
+
+
 def _xla(on_ips: float = 150.0, off_ips: float = 100.0, kept: bool = True) -> dict[str, Any]:
     def side(requested: bool, ips: float) -> dict[str, Any]:
         return {"jit_compile_requested": requested, "jit_compile": requested and kept,
@@ -118,8 +124,7 @@ def serving_json() -> dict[str, Any]:
             "batches of 16+ images run on TensorFlow (a batch of 32: TensorFlow 42.1 ms of CPU, "
             "LiteRT 50.3 ms)"
         ],
-        "model": {"profile": "configs/default.yaml", "arch": "bn_cnn", "width": 64, "params": 1_150_666,
-                  "num_train": 50_000, "weights": "untrained (seed 0)"},
+        "model": _served_model(),
         "bare_model": rows[0],
         "runs": [run(bench.GATEWAY, 1, 1, 150.0), run(bench.GATEWAY, 1, 16, 300.0, p99=80.0),
                  run(bench.GATEWAY, 64, 2, 5.5), run(bench.NAIVE, 1, 1, 10.0), run(bench.NAIVE, 1, 16, 15.0),
@@ -157,8 +162,7 @@ def bn_folding_json() -> dict[str, Any]:
     return {
         "command": "python -m benchmarks.bn_folding --duration 20",
         "machine": _machine(),
-        "model": {"profile": "configs/default.yaml", "arch": "bn_cnn", "width": 64, "params": 1_150_666,
-                  "num_train": 50_000, "weights": "untrained (seed 0)"},
+        "model": _served_model(),
         "duration_s": 20.0, "parity_atol": 1e-5, "helps_threshold": 0.05,
         "parity": {"unfolded": {"max_abs_difference": 0.0, "within_atol": True},
                    "BN folded (the export)": {"max_abs_difference": 4e-7, "within_atol": True},
@@ -195,8 +199,7 @@ def photo_decode_json(serve: bool = True) -> dict[str, Any]:
     }  # fmt: skip
     if serve:
         data["serve"] = {"photo": "the first 12 Mpx phone photo (2076 KiB)",
-                         "model": {"profile": "configs/default.yaml", "arch": "bn_cnn", "width": 64,
-                                   "params": 1_150_666, "num_train": 50_000, "weights": "untrained (seed 0)"},
+                         "model": _served_model(),
                          "runs": [run("gateway", 1, 26.2, 37.3), run("naive", 1, 4.2, 214.3)]}  # fmt: skip
     return data
 
