@@ -61,18 +61,13 @@ def breaker_state(url: str) -> float | None:
     2 open), None when the gateway does not export it (no TF Serving backend) or does not answer.
     Each gunicorn worker has its own breaker, so a run of 200s may all come from one worker while
     another's is still open: this is what says every worker is back."""
-    from prometheus_client.parser import text_string_to_metric_families
+    from tests.fixtures.metrics import sample_values
 
     try:
         text = requests.get(f"{url}/metrics", timeout=5).text
     except requests.RequestException:
         return None
-    values = [
-        sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "gateway_breaker_state"
-        for sample in family.samples
-    ]
+    values = sample_values(text, "gateway_breaker_state")
     return max(values) if values else None
 
 

@@ -202,18 +202,12 @@ def test_an_old_model_answers_with_null_ood_fields(model_base) -> None:
 @pytest.mark.slow
 def test_answered_predictions_reach_the_drift_metrics(model_base) -> None:
     """/v1/predict hands each answer to serving/drift_metrics.py: abstentions show in /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     from tests.fixtures.gateway import embedded_gateway
+    from tests.fixtures.metrics import sample_values
 
     def abstained(client) -> float:  # the counter for version 1, 0 before any observation
         text = client.get("/metrics").get_data(as_text=True)
-        return sum(
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == "gateway_abstained_total" and sample.labels.get("version") == "1"
-        )
+        return sum(sample_values(text, "gateway_abstained_total", version="1"))
 
     with embedded_gateway(model_base, WITH_OOD) as app:
         client = app.test_client()

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from flask import Flask
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from serving.app import create_app
 from serving.backends.base import Explanation, ModelStatus, Prediction
 from serving.config import Settings
 from tests.fixtures.gateway import free_port
+from tests.fixtures.metrics import sample_values
 
 # The app under test serves the session's exported model, whose fixture trains and exports it.
 pytestmark = pytest.mark.slow
@@ -304,11 +304,7 @@ def test_openapi_documents_every_route(gateway_app: Flask, gateway_client) -> No
 
 
 def _sample(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
+    return next(iter(sample_values(text, name, **labels)), 0.0)
 
 
 def test_metrics_count_requests_errors_images_and_latency(gateway_client) -> None:

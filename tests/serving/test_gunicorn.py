@@ -11,22 +11,16 @@ from urllib.parse import urlparse
 import pytest
 import requests
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fixtures.metrics import sample_values
 
 pytestmark = pytest.mark.slow  # starts gunicorn with two TensorFlow workers
 
 
 def predict_count(base_url: str) -> float:
     text = requests.get(f"{base_url}/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "gateway_requests_total" and sample.labels == {
-                "route": "/v1/predict",
-                "method": "POST",
-                "status": "200",
-            }:
-                return sample.value
-    return 0.0
+    labels = {"route": "/v1/predict", "method": "POST", "status": "200"}  # all its labels
+    return next(iter(sample_values(text, "gateway_requests_total", **labels)), 0.0)
 
 
 def test_upload_real_photos_end_to_end(gateway_server: str, exported_model, cifar_sample) -> None:
